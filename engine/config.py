@@ -1,0 +1,303 @@
+"""Typed, frozen configuration: YAML load, environment overrides, validation with path-precise errors.
+
+Every error names the file, the key path and what was expected, e.g.
+``config/shop.yaml: services.payments.workers: expected a positive integer, got 'two'``.
+
+Environment overrides (applied before validation, so they are validated the same way):
+
+- ``JETPOOL_NATS_URL``: the broker URL (``nats.url``);
+- ``JETPOOL_STORE_DIR``: the embedded broker's store directory (``nats.store_dir``);
+- ``JETPOOL_LOG_LEVEL``: ``log.level``;
+- ``JETPOOL__<KEY>__<KEY>...=<value>``: any key path, e.g. ``JETPOOL__SERVICES__PAYMENTS__WORKERS=4``
+  (path segments are lower-cased; the value is parsed as a YAML scalar).
+
+Credentials never come from the YAML: see ``engine.connection`` for the variables that carry them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from engine.errors import ConfigError
+
+ENV_PREFIX = "JETPOOL__"
+SHORT_ENV = {
+    "JETPOOL_NATS_URL": ("nats", "url"),
+    "JETPOOL_STORE_DIR": ("nats", "store_dir"),
+    "JETPOOL_LOG_LEVEL": ("log", "level"),
+}
+
+
+def _number(kind: type, positive: bool, allow_zero: bool) -> Any:
+    wanted = f"a {'positive ' if positive else 'non-negative ' if allow_zero else ''}" + (
+        "integer" if kind is int else "number"
+    )
+
+    def check(value: Any) -> Any:
+        ok_type = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is int:
+            ok_type = ok_type and float(value).is_integer()
+        if not ok_type or (positive and value <= 0) or (allow_zero and value < 0):
+            raise PydanticCustomError("jetpool_number", "expected {wanted}, got {got}",
+                                      {"wanted": wanted, "got": repr(value)})
+        return kind(value)
+
+    return BeforeValidator(check)
+
+
+PosInt = Annotated[int, _number(int, positive=True, allow_zero=False)]
+NonNegInt = Annotated[int, _number(int, positive=False, allow_zero=True)]
+PosFloat = Annotated[float, _number(float, positive=True, allow_zero=False)]
+NonNegFloat = Annotated[float, _number(float, positive=False, allow_zero=True)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NatsConfig(_Frozen):
+    """How to reach the broker. No URL means: start an embedded nats-server."""
+
+    url: str | None = None
+    store_dir: str = ".jetpool/nats"
+    connect_timeout_s: PosFloat = 5.0
+    reconnect_wait_s: PosFloat = 1.0
+    max_reconnect_attempts: int = -1
+    publish_timeout_s: PosFloat = 10.0
+
+
+class StreamConfig(_Frozen):
+    """A JetStream stream jetpool creates or updates on provision."""
+
+    name: Name
+    subjects: list[str] = Field(min_length=1)
+    storage: Literal["file", "memory"] = "file"
+    replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    duplicate_window_s: PosFloat = 120.0
+    max_msg_size: PosInt = 1024 * 1024
+    max_age_s: NonNegFloat = 0.0
+
+
+class ServiceConfig(_Frozen):
+    """One service: a durable pull consumer on a stream and the routes its workers serve."""
+
+    stream: Name
+    durable: Name | None = None
+    filter_subjects: list[str] = Field(default_factory=list)
+    routes: dict[str, str] = Field(min_length=1)
+    workers: PosInt = 1
+    batch: PosInt = 256
+    max_in_flight: PosInt = 1024
+    max_ack_pending: PosInt | None = None
+    ack_wait_s: PosFloat = 30.0
+    max_deliver: PosInt = 5
+    handler_timeout_s: PosFloat = 10.0
+    drain_timeout_s: PosFloat = 20.0
+    idle_heartbeat_s: PosFloat = 5.0
+    pull_expires_s: PosFloat = 30.0
+    pin_cpus: bool = True
+    replicas: PosInt = 1
+
+    @field_validator("routes")
+    @classmethod
+    def _routes_are_targets(cls, routes: dict[str, str]) -> dict[str, str]:
+        for event_type, target in routes.items():
+            module, _, func = target.partition(":")
+            if not module or not func:
+                raise PydanticCustomError(
+                    "jetpool_route", "route {event}: expected 'module:function', got {got}",
+                    {"event": event_type, "got": repr(target)})
+        return routes
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> ServiceConfig:
+        if self.batch > self.max_in_flight:
+            raise PydanticCustomError(
+                "jetpool_cross", "batch ({batch}) must not exceed max_in_flight ({window})",
+                {"batch": self.batch, "window": self.max_in_flight})
+        needed = self.workers * self.max_in_flight * self.replicas
+        if self.max_ack_pending is not None and needed > self.max_ack_pending:
+            raise PydanticCustomError(
+                "jetpool_cross",
+                "workers x max_in_flight x replicas = {needed} exceeds max_ack_pending ({map}); raise "
+                "max_ack_pending or lower the window, or workers would wait on each other",
+                {"needed": needed, "map": self.max_ack_pending})
+        return self
+
+    @property
+    def effective_max_ack_pending(self) -> int:
+        return self.max_ack_pending or self.workers * self.max_in_flight * self.replicas
+
+
+class SupervisorConfig(_Frozen):
+    """How the supervisor restarts crashed workers and where it pins them."""
+
+    restart_backoff_s: PosFloat = 0.5
+    restart_backoff_max_s: PosFloat = 10.0
+    max_restarts: PosInt = 5
+    restart_window_s: PosFloat = 60.0
+    cpus: list[NonNegInt] | None = None
+
+
+class LogConfig(_Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Frozen):
+    """The whole file. ``source`` is where it came from, for error messages."""
+
+    app: Name = "jetpool"
+    subject_prefix: str = "events"
+    nats: NatsConfig = NatsConfig()
+    streams: list[StreamConfig] = Field(min_length=1)
+    services: dict[Name, ServiceConfig] = Field(min_length=1)
+    supervisor: SupervisorConfig = SupervisorConfig()
+    log: LogConfig = LogConfig()
+    source: str = Field(default="<config>", exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> Config:
+        streams = {s.name: s for s in self.streams}
+        for name, svc in self.services.items():
+            stream = streams.get(svc.stream)
+            if stream is None:
+                raise PydanticCustomError(
+                    "jetpool_ref", "services.{svc}.stream: no stream named '{stream}' (streams: {known})",
+                    {"svc": name, "stream": svc.stream, "known": ", ".join(streams)})
+            for subject in self.filter_subjects(name):
+                if not any(subject_matches(pattern, subject) for pattern in stream.subjects):
+                    raise PydanticCustomError(
+                        "jetpool_ref",
+                        "services.{svc}: subject '{subject}' is not captured by stream '{stream}' "
+                        "(subjects: {subjects})",
+                        {"svc": name, "subject": subject, "stream": stream.name,
+                         "subjects": ", ".join(stream.subjects)})
+        return self
+
+    def subject_for(self, event_type: str) -> str:
+        """The subject an event of this type is published on."""
+        return f"{self.subject_prefix}.{event_type}"
+
+    def filter_subjects(self, service: str) -> list[str]:
+        """The service's consumer filter: explicit, or one subject per routed event type."""
+        svc = self.services[service]
+        return list(svc.filter_subjects) or [self.subject_for(t) for t in svc.routes]
+
+    def durable(self, service: str) -> str:
+        return self.services[service].durable or service
+
+    def stream(self, name: str) -> StreamConfig:
+        return next(s for s in self.streams if s.name == name)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: ``*`` is one token, ``>`` the rest (also true for overlapping wildcards)."""
+    p_tokens, s_tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p_tokens):
+        if token == ">":
+            return len(s_tokens) > i
+        if i >= len(s_tokens):
+            return False
+        if token != "*" and s_tokens[i] not in ("*", ">") and not fnmatch.fnmatchcase(s_tokens[i], token):
+            return False
+        if s_tokens[i] == ">":
+            return True
+    return len(p_tokens) == len(s_tokens)
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment and validate a YAML config file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    apply_env_overrides(raw, os.environ if env is None else env)
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate an already-loaded mapping; errors name ``source`` and the key path."""
+    try:
+        return Config.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_format_error(source, err) for err in exc.errors())) from None
+
+
+def _format_error(source: str, err: Any) -> str:
+    path = ".".join(str(p) for p in err["loc"])
+    kind, got = err["type"], err.get("input")
+    if kind in {"missing"}:
+        what = "required key is missing"
+    elif kind == "extra_forbidden":
+        what = "unknown key"
+    elif kind == "literal_error":
+        what = f"expected one of {err['ctx']['expected']}, got {got!r}"
+    elif kind.startswith("jetpool_"):
+        what = err["msg"]
+    elif kind == "string_pattern_mismatch":
+        what = f"expected letters, digits, '_' or '-', got {got!r}"
+    else:
+        what = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
+    return f"{source}: {path}: {what}" if path else f"{source}: {what}"
+
+
+def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Apply JETPOOL_* variables onto the raw mapping, in place."""
+    for name, short_path in SHORT_ENV.items():
+        if env.get(name):
+            _set_path(raw, list(short_path), env[name])
+    for name, value in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
+            _set_path(raw, keys, yaml.safe_load(value) if value else value)
+
+
+def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node: Any = raw
+    for key in keys[:-1]:
+        node = _child(node, key)
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last)] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, key)]
+    # Service names keep their YAML spelling; match them case-insensitively.
+    actual = next((k for k in node if str(k).lower() == key), key)
+    return node.setdefault(actual, {})
+
+
+def _list_index(node: list[Any], key: str) -> int:
+    if key.isdigit():
+        return int(key)
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and str(item.get("name", "")).lower() == key:
+            return i
+    raise ConfigError(f"environment override: no list item named {key!r}")

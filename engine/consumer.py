@@ -1,0 +1,275 @@
+"""The pull loop of one durable consumer in one worker: credit-based pulls, a bounded window, settlement.
+
+Why not ``PullSubscription.fetch``: it is a request/response per batch (pull, wait for the whole batch,
+process, pull again), so the pipe empties between batches. Here pull requests are plain publishes to
+``$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>`` with one inbox subscription as reply; the worker
+keeps ``credit`` (messages asked for but not yet received) and asks for more whenever the free part of
+its window reaches half a batch, so messages keep flowing while earlier ones are handled.
+
+Invariants:
+
+- ``len(in_flight) + credit <= max_in_flight``: nothing is fetched that could not start at once, so
+  no message waits in a local buffer while its ack_wait runs out;
+- every delivered message is settled exactly once: acked after its outputs' PubAcks, or nakked /
+  termed by the rules in :mod:`engine.outcome`, or nakked (released) when a drain ends;
+- a pull that went silent is noticed: the server sends idle heartbeats while a request waits; when
+  neither a message nor a heartbeat arrived for two heartbeat intervals, the credit is dropped and
+  the worker pulls again (also right after a reconnect, since requests die with the connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+
+from engine.config import Config
+from engine.dispatch import Context, Router, ack_metadata
+from engine.errors import HandlerTimeout
+from engine.events import Event
+from engine.outcome import Action, Outcome, RetryPolicy, decide
+from engine.publisher import Publisher
+
+log = structlog.get_logger("jetpool.consumer")
+
+ACK = b"+ACK"
+NAK = b"-NAK"
+TERM = b"+TERM"
+IN_PROGRESS = b"+WPI"
+_NS = 1_000_000_000
+
+DeadLetterHook = Callable[[Any, Event | None, Outcome, int, str], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _InFlight:
+    task: asyncio.Task[None]
+    started: float
+    progress_at: float
+    timed_out: bool = False
+
+
+class Consumer:
+    """Consumes one service's durable pull consumer inside one worker process.
+
+    Args:
+        nc: the worker's connected NATS client.
+        config: the loaded configuration.
+        service: the service name (a key of ``config.services``).
+        router: the service's routes.
+        publisher: the worker's publisher, for handler outputs.
+        worker: the worker's index, for logs and handler context.
+        resources: per-worker objects handlers reach through ``ctx.resource(name)``.
+        dead_letter: called before a message is termed for good (the dead-letter stream writer).
+    """
+
+    def __init__(self, nc: Any, config: Config, service: str, router: Router, publisher: Publisher,
+                 worker: int = 0, resources: Mapping[str, Any] | None = None,
+                 dead_letter: DeadLetterHook | None = None) -> None:
+        svc = config.services[service]
+        self.service = service
+        self._nc = nc
+        self._router = router
+        self._publisher = publisher
+        self._worker = worker
+        self._resources = resources or {}
+        self._dead_letter = dead_letter
+        self._svc = svc
+        self._policy = RetryPolicy()
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{svc.stream}.{config.durable(service)}"
+        self._inbox: str = nc.new_inbox()
+        self._window = svc.max_in_flight
+        self._batch = min(svc.batch, svc.max_in_flight)
+        self._threshold = max(1, self._batch // 2)
+        self._expires_ns = int(svc.pull_expires_s * _NS)
+        self._heartbeat_ns = int(svc.idle_heartbeat_s * _NS)
+        self._tick_s = min(1.0, svc.idle_heartbeat_s / 2, svc.ack_wait_s / 6, svc.handler_timeout_s / 4)
+        self._credit = 0
+        self._in_flight: dict[str, _InFlight] = {}
+        self._stopping = False
+        self._loop = asyncio.get_running_loop()
+        self._last_seen = self._loop.time()
+        self._sub: Any = None
+        self._ticker: asyncio.Task[None] | None = None
+        self.counts: Counter[str] = Counter()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe the reply inbox, issue the first pulls and start the housekeeping ticker."""
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+        self._ticker = self._loop.create_task(self._tick_loop())
+        await self._pull()
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        """Drain: stop pulling, give in-flight handlers until the deadline, release the rest."""
+        self._stopping = True
+        running = [f.task for f in self._in_flight.values()]
+        if running:
+            await asyncio.wait(running, timeout=drain_timeout_s)
+        leftover = [f.task for f in self._in_flight.values()]
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.gather(*leftover, return_exceptions=True)
+        if self._ticker:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        log.info("consumer.drained", service=self.service, worker=self._worker,
+                 released=len(leftover), **self.counts)
+
+    def on_reconnect(self) -> None:
+        """Pull requests die with the old connection: forget their credit and pull again."""
+        self._credit = 0
+        self._last_seen = self._loop.time()
+        self._loop.create_task(self._pull())
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def seconds_since_heard(self) -> float:
+        """Time since the server last sent a message or heartbeat for this consumer (liveness)."""
+        return self._loop.time() - self._last_seen
+
+    # ---- receiving -------------------------------------------------------------------------------
+
+    async def _on_message(self, msg: Any) -> None:
+        self._last_seen = self._loop.time()
+        reply = msg.reply
+        if not reply:
+            await self._on_status(msg)
+            return
+        self._credit -= 1
+        if self._stopping:
+            # Never started: hand it straight back so another worker can take it.
+            await self._nc.publish(reply, NAK)
+            self.counts["released"] += 1
+            return
+        task = self._loop.create_task(self._process(msg))
+        self._in_flight[reply] = _InFlight(task, self._last_seen, self._last_seen)
+        if self._window - len(self._in_flight) - self._credit >= self._threshold:
+            await self._pull()
+
+    async def _on_status(self, msg: Any) -> None:
+        headers = msg.headers or {}
+        code = headers.get("Status")
+        if code == "100":
+            return  # idle heartbeat: the pull is alive
+        pending = headers.get("Nats-Pending-Messages")
+        if code in ("408", "409") and pending is not None:
+            self._credit = max(0, self._credit - int(pending))
+        else:
+            self._credit = 0
+        if code == "408":
+            await self._pull()
+        else:
+            # 409 (leader change, max waiting, consumer deleted...) or unknown: the ticker re-pulls.
+            log.warning("pull.status", service=self.service, status=code,
+                        description=headers.get("Description"))
+
+    async def _pull(self) -> None:
+        """Ask for as many messages as fit the free part of the window, a batch per request."""
+        while not self._stopping and self._nc.is_connected:
+            want = self._window - len(self._in_flight) - self._credit
+            if want < self._threshold:
+                return
+            size = min(want, self._batch)
+            self._credit += size
+            body = orjson.dumps({"batch": size, "expires": self._expires_ns, "idle_heartbeat": self._heartbeat_ns})
+            await self._nc.publish(self._next_subject, body, reply=self._inbox)
+
+    # ---- processing ------------------------------------------------------------------------------
+
+    async def _process(self, msg: Any) -> None:
+        reply = msg.reply
+        event: Event | None = None
+        try:
+            event = Event.decode(msg.data)
+            ctx = Context(self.service, self._worker, reply, msg.subject, self._resources)
+            outputs = await self._router.dispatch(event, ctx)
+            if outputs:
+                await self._publisher.publish_events(outputs)
+            await self._nc.publish(reply, ACK)
+            self.counts["acked"] += 1
+        except asyncio.CancelledError:
+            await self._on_cancelled(msg, event)
+        except Exception as exc:
+            await self._settle(msg, event, exc)
+        finally:
+            del self._in_flight[reply]
+            if not self._stopping and self._window - len(self._in_flight) - self._credit >= self._threshold:
+                await self._pull()
+
+    async def _on_cancelled(self, msg: Any, event: Event | None) -> None:
+        entry = self._in_flight.get(msg.reply)
+        if entry is not None and entry.timed_out:
+            timeout = HandlerTimeout(f"handler ran longer than {self._svc.handler_timeout_s}s")
+            await self._settle(msg, event, timeout)
+            return
+        await self._nc.publish(msg.reply, NAK)  # drain deadline: release for another worker
+        self.counts["released"] += 1
+
+    async def _settle(self, msg: Any, event: Event | None, exc: BaseException) -> None:
+        attempt = ack_metadata(msg.reply)[0]
+        outcome = decide(exc, attempt, self._svc.max_deliver, self._policy)
+        if outcome.dead_letter and self._dead_letter is not None:
+            await self._dead_letter(msg, event, outcome, attempt, self.service)
+        await self._nc.publish(msg.reply, _settlement(outcome))
+        self.counts[outcome.label] += 1
+        log.warning("event.failed", service=self.service, worker=self._worker, outcome=outcome.label,
+                    attempt=attempt, delay_s=round(outcome.delay_s, 3), reason=outcome.reason,
+                    event_id=event.id if event else None, event_type=event.type if event else None)
+
+    # ---- housekeeping ----------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)
+            try:
+                await self._tick()
+            except Exception as exc:  # a failed tick must not end housekeeping
+                log.warning("consumer.tick_failed", service=self.service, error=repr(exc))
+
+    async def _tick(self) -> None:
+        now = self._loop.time()
+        await self._watch_handlers(now)
+        silent_s = now - self._last_seen
+        if self._credit > 0 and silent_s > 2 * self._svc.idle_heartbeat_s:
+            log.warning("pull.heartbeat_missed", service=self.service, silent_s=round(silent_s, 1))
+            self.counts["heartbeats_missed"] += 1
+            self._credit = 0
+            self._last_seen = now
+        if not self._stopping:
+            await self._pull()
+
+    async def _watch_handlers(self, now: float) -> None:
+        """Cancel overdue handlers; tell the server slow-but-healthy ones are still in progress."""
+        progress_every_s = self._svc.ack_wait_s / 3
+        for reply, entry in list(self._in_flight.items()):
+            if entry.timed_out:
+                continue
+            if now - entry.started > self._svc.handler_timeout_s:
+                entry.timed_out = True
+                entry.task.cancel()
+            elif now - entry.progress_at > progress_every_s:
+                entry.progress_at = now
+                await self._nc.publish(reply, IN_PROGRESS)
+
+
+def _settlement(outcome: Outcome) -> bytes:
+    if outcome.action is Action.ACK:
+        return ACK
+    if outcome.action is Action.TERM:
+        return TERM
+    if outcome.delay_s > 0:
+        return NAK + b" " + orjson.dumps({"delay": int(outcome.delay_s * _NS)})
+    return NAK

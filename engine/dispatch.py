@@ -1,0 +1,130 @@
+"""Route an event to the handler its YAML route names, through the service's middleware chain.
+
+A handler is ``async def handler(event: Event, ctx: Context) -> Event | Iterable[Event] | None``.
+It never touches NATS: it returns the events to publish and the engine publishes them, waits for
+their PubAcks and only then acks the input. A middleware is ``Callable[[Handler], Handler]``; the
+chain is built once per route when the router is built, not per message.
+
+Handler timeouts are enforced by the consumer's in-flight sweeper rather than a timer per event:
+one periodic scan cancels overdue handlers, which costs nothing on the hot path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import Config
+from engine.errors import ConfigError, NoRoute
+from engine.events import Event
+
+HandlerResult = Event | Iterable[Event] | None
+Handler = Callable[[Event, "Context"], Awaitable[HandlerResult]]
+Middleware = Callable[[Handler], Handler]
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler may know about the delivery it is handling.
+
+    Attributes:
+        service: the service consuming the event.
+        worker: the worker process index within the supervisor.
+        reply: the JetStream ack subject; delivery metadata is parsed from it on demand.
+        subject: the subject the event was published on.
+        resources: shared per-worker objects (breakers, stores) set up by the engine.
+    """
+
+    service: str
+    worker: int
+    reply: str
+    subject: str
+    resources: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def attempt(self) -> int:
+        """This delivery's number, from 1 (JetStream's num_delivered)."""
+        return ack_metadata(self.reply)[0]
+
+    @property
+    def stream_seq(self) -> int:
+        return ack_metadata(self.reply)[1]
+
+    def resource(self, name: str) -> Any:
+        """A shared per-worker object registered by the engine, e.g. a breaker or a state store."""
+        try:
+            return self.resources[name]
+        except KeyError:
+            raise LookupError(f"no resource named {name!r} in service {self.service!r}") from None
+
+
+def ack_metadata(reply: str) -> tuple[int, int]:
+    """(num_delivered, stream_seq) from a ``$JS.ACK...`` subject, old (9 tokens) or new (12) format."""
+    tokens = reply.split(".")
+    if len(tokens) >= 12:
+        return int(tokens[6]), int(tokens[7])
+    if len(tokens) >= 9:
+        return int(tokens[4]), int(tokens[5])
+    return 1, 0
+
+
+class Router:
+    """Event type → handler (already wrapped in the middleware chain)."""
+
+    def __init__(self, routes: Mapping[str, Handler], middleware: Sequence[Middleware] = ()) -> None:
+        self._routes: dict[str, Handler] = {t: _chain(h, middleware) for t, h in routes.items()}
+
+    @property
+    def event_types(self) -> list[str]:
+        return list(self._routes)
+
+    async def dispatch(self, event: Event, ctx: Context) -> list[Event]:
+        """Run the event's handler and bind what it returns to the event (ids, trace, causation)."""
+        handler = self._routes.get(event.type)
+        if handler is None:
+            raise NoRoute(f"no route for event type {event.type!r} in service {ctx.service!r}")
+        result = await handler(event, ctx)
+        if result is None:
+            return []
+        outputs = [result] if isinstance(result, Event) else list(result)
+        for position, output in enumerate(outputs):
+            output.caused_by(event, position)
+        return outputs
+
+
+def _chain(handler: Handler, middleware: Sequence[Middleware]) -> Handler:
+    for wrap in reversed(middleware):
+        handler = wrap(handler)
+    return handler
+
+
+def build_router(config: Config, service: str, middleware: Sequence[Middleware] = ()) -> Router:
+    """Resolve a service's ``module:function`` routes; errors name the file and the route's key path."""
+    routes = {
+        event_type: resolve_handler(target, f"{config.source}: services.{service}.routes.{event_type}")
+        for event_type, target in config.services[service].routes.items()
+    }
+    return Router(routes, middleware)
+
+
+def resolve_handler(target: str, where: str) -> Handler:
+    """Import ``module:function`` and check it is an async function taking (event, ctx)."""
+    module_name, _, func_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import module {module_name!r} ({exc})") from None
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise ConfigError(f"{where}: module {module_name!r} has no function {func_name!r}")
+    if not inspect.iscoroutinefunction(func):
+        raise ConfigError(f"{where}: {target!r} must be an 'async def' function")
+    try:
+        inspect.signature(func).bind(None, None)
+    except TypeError:
+        raise ConfigError(f"{where}: {target!r} must accept (event, ctx)") from None
+    handler: Handler = func
+    return handler

@@ -1,0 +1,173 @@
+"""The event envelope and its wire format.
+
+A jetpool event is a JSON object (encoded with orjson) published on the subject
+``<subject_prefix>.<type>``, with these NATS headers:
+
+- ``Nats-Msg-Id``: the event id, so JetStream drops a re-published duplicate inside the
+  stream's duplicate window;
+- ``traceparent`` (optional): the W3C trace context of the span that produced the event.
+
+Any producer, in any language, that publishes this shape can feed jetpool. Output events get ids
+derived from the input event's id and their position, so a redelivered input re-publishes outputs
+with the same ids, which JetStream deduplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from engine.errors import MalformedEvent
+
+SCHEMA_VERSION = 1
+MSG_ID_HEADER = "Nats-Msg-Id"
+TRACEPARENT_HEADER = "traceparent"
+
+# The fields a producer must send, with the JSON type each must have.
+_REQUIRED: dict[str, type | tuple[type, ...]] = {"id": str, "type": str, "data": dict}
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    "aggregate_id": str,
+    "timestamp": str,
+    "trace_id": str,
+    "causation_id": (str, type(None)),
+    "correlation_id": (str, type(None)),
+    "v": int,
+}
+
+
+def new_id() -> str:
+    """A random event id (UUID4 hex): unique without coordination."""
+    return uuid.uuid4().hex
+
+
+def new_trace_id() -> str:
+    """A random W3C trace id: 32 lowercase hex digits."""
+    return os.urandom(16).hex()
+
+
+def derived_id(parent_id: str, position: int) -> str:
+    """The id of output ``position`` of the event ``parent_id``: same input, same output ids."""
+    return hashlib.blake2b(f"{parent_id}/{position}".encode(), digest_size=16).hexdigest()
+
+
+def now_iso() -> str:
+    """UTC time as RFC 3339 with milliseconds, e.g. ``2026-11-24T08:00:00.123Z``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class Event:
+    """One domain event.
+
+    Handlers create events with just ``type``, ``data`` and usually ``aggregate_id``; the engine
+    fills ``id``, ``trace_id``, ``causation_id`` and ``correlation_id`` of the events a handler
+    returns from the event that caused them.
+
+    Attributes:
+        type: the event type, e.g. ``OrderPlaced``; routes map it to a handler.
+        data: the payload, any JSON object.
+        aggregate_id: the entity the event is about (an order id), used for logs and partitioning.
+        id: unique id, also the ``Nats-Msg-Id``.
+        timestamp: when the event was created (RFC 3339, UTC).
+        trace_id: W3C trace id shared by every event of one flow.
+        causation_id: id of the event whose handler produced this one.
+        correlation_id: id of the first event of the flow (e.g. the OrderPlaced).
+        v: envelope schema version.
+    """
+
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+    aggregate_id: str = ""
+    id: str = ""
+    timestamp: str = ""
+    trace_id: str = ""
+    causation_id: str | None = None
+    correlation_id: str | None = None
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = new_id()
+        if not self.timestamp:
+            self.timestamp = now_iso()
+        if not self.trace_id:
+            self.trace_id = new_trace_id()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "aggregate_id": self.aggregate_id,
+            "data": self.data,
+            "timestamp": self.timestamp,
+            "trace_id": self.trace_id,
+            "causation_id": self.causation_id,
+            "correlation_id": self.correlation_id,
+            "v": self.v,
+        }
+
+    def encode(self) -> bytes:
+        """The JSON body of the NATS message."""
+        return orjson.dumps(self.to_dict())
+
+    def headers(self) -> dict[str, str]:
+        """The NATS headers jetpool sends with the event."""
+        return {MSG_ID_HEADER: self.id}
+
+    def caused_by(self, parent: Event, position: int) -> Event:
+        """Bind this output event to the input that produced it (ids, trace, causation)."""
+        self.id = derived_id(parent.id, position)
+        self.trace_id = parent.trace_id
+        self.causation_id = parent.id
+        self.correlation_id = parent.correlation_id or parent.id
+        return self
+
+    @classmethod
+    def decode(cls, body: bytes) -> Event:
+        """Parse a message body; raise MalformedEvent with a reason a person understands."""
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedEvent(f"body is not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise MalformedEvent(f"body must be a JSON object, got {type(obj).__name__}")
+        _check_fields(obj)
+        return cls(
+            type=obj["type"],
+            data=obj["data"],
+            aggregate_id=obj.get("aggregate_id") or "",
+            id=obj["id"],
+            timestamp=obj.get("timestamp") or "",
+            trace_id=obj.get("trace_id") or "",
+            causation_id=obj.get("causation_id"),
+            correlation_id=obj.get("correlation_id"),
+            v=obj.get("v", SCHEMA_VERSION),
+        )
+
+
+def _check_fields(obj: dict[str, Any]) -> None:
+    for name, expected in _REQUIRED.items():
+        if name not in obj:
+            raise MalformedEvent(f"field '{name}' is missing")
+        if not isinstance(obj[name], expected):
+            raise MalformedEvent(_type_reason(name, expected, obj[name]))
+    for name, expected in _OPTIONAL.items():
+        if name in obj and not isinstance(obj[name], expected):
+            raise MalformedEvent(_type_reason(name, expected, obj[name]))
+    if not obj["id"] or not obj["type"]:
+        raise MalformedEvent("fields 'id' and 'type' must not be empty")
+
+
+_JSON_NAMES = {str: "a string", dict: "an object", int: "an integer", type(None): "null"}
+
+
+def _type_reason(name: str, expected: type | tuple[type, ...], value: object) -> str:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    wanted = " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
+    return f"field '{name}' must be {wanted}, got {type(value).__name__}"

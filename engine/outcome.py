@@ -1,0 +1,92 @@
+"""What happens to a delivered message: the only place the ack / nak / term rules live.
+
+The consumer asks :func:`decide` once per message with the exception the processing raised (or
+``None``) and the delivery attempt, and applies the answer. Rules:
+
+===========================================  ==============================================
+handler (and publishing its outputs) ...     message is ...
+===========================================  ==============================================
+returned                                     acked (after every output's PubAck)
+raised ``Retry(delay_s)``                    nakked with that delay
+raised ``Reject(reason)``                    termed and dead-lettered at once
+body not an event / no route                 termed and dead-lettered at once
+raised anything else, or timed out           nakked with exponential backoff + jitter;
+                                             dead-lettered and termed on the last attempt
+===========================================  ==============================================
+
+JetStream's consumer ``BackOff`` applies only to ack timeouts, not to naks, so the nak delay is
+computed here.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+
+from engine.errors import MalformedEvent, NoRoute, Reject, Retry
+
+
+class Action(enum.Enum):
+    ACK = "ack"
+    NAK = "nak"
+    TERM = "term"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The decision for one delivery."""
+
+    action: Action
+    delay_s: float = 0.0
+    reason: str = ""
+    dead_letter: bool = False
+
+    @property
+    def label(self) -> str:
+        """A metrics/log label: ack, retry, dead_letter."""
+        if self.action is Action.ACK:
+            return "ack"
+        return "dead_letter" if self.dead_letter else "retry"
+
+
+ACKED = Outcome(Action.ACK)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter between ``base_s`` and ``max_s``."""
+
+    base_s: float = 0.5
+    max_s: float = 30.0
+    jitter: bool = True
+
+    def delay_s(self, attempt: int) -> float:
+        ceiling = min(self.max_s, self.base_s * 2 ** max(0, attempt - 1))
+        return random.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
+
+
+def decide(exc: BaseException | None, attempt: int, max_deliver: int, policy: RetryPolicy) -> Outcome:
+    """Map the result of processing one delivery to ack, nak(delay) or term(+dead letter).
+
+    Args:
+        exc: what processing raised, or None when the handler returned and outputs were stored.
+        attempt: this delivery's number, starting at 1 (JetStream's ``num_delivered``).
+        max_deliver: the service's max_deliver; the last attempt's failure dead-letters.
+        policy: the service's backoff for generic failures.
+    """
+    if exc is None:
+        return ACKED
+    if isinstance(exc, Retry):
+        return Outcome(Action.NAK, delay_s=exc.delay_s, reason=exc.reason)
+    if isinstance(exc, Reject | MalformedEvent | NoRoute):
+        return Outcome(Action.TERM, reason=describe(exc), dead_letter=True)
+    if attempt >= max_deliver:
+        return Outcome(Action.TERM, reason=describe(exc), dead_letter=True)
+    return Outcome(Action.NAK, delay_s=policy.delay_s(attempt), reason=describe(exc))
+
+
+def describe(exc: BaseException) -> str:
+    """``ErrorType: message`` — what an operator reads in the dead-letter entry."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,77 @@
+"""Create or update the configured streams and durable consumers; safe to run again and again.
+
+Run by ``jetpool provision`` and, unless told otherwise, by the supervisor before it starts workers,
+so a fresh broker needs no manual setup. Existing streams are updated in place (subjects, limits);
+existing consumers are updated through the create-or-update consumer API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from engine.config import Config, StreamConfig
+from engine.errors import BrokerError
+
+log = structlog.get_logger("jetpool.provision")
+
+
+def stream_config(cfg: StreamConfig) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=cfg.name,
+        subjects=list(cfg.subjects),
+        storage=api.StorageType.FILE if cfg.storage == "file" else api.StorageType.MEMORY,
+        num_replicas=cfg.replicas,
+        duplicate_window=cfg.duplicate_window_s,
+        max_msg_size=cfg.max_msg_size,
+        max_age=cfg.max_age_s,
+        retention=api.RetentionPolicy.LIMITS,
+        discard=api.DiscardPolicy.OLD,
+    )
+
+
+def consumer_config(config: Config, service: str) -> api.ConsumerConfig:
+    svc = config.services[service]
+    subjects = config.filter_subjects(service)
+    return api.ConsumerConfig(
+        durable_name=config.durable(service),
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=svc.ack_wait_s,
+        max_deliver=svc.max_deliver,
+        max_ack_pending=svc.effective_max_ack_pending,
+        max_waiting=max(512, svc.workers * svc.replicas * (svc.max_in_flight // max(1, svc.batch) + 2)),
+        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subjects=subjects if len(subjects) > 1 else None,
+    )
+
+
+async def provision(js: Any, config: Config, services: Iterable[str] | None = None) -> None:
+    """Ensure every stream and the consumers of ``services`` (default: all) exist as configured."""
+    for stream in config.streams:
+        await ensure_stream(js, stream)
+    for service in services if services is not None else config.services:
+        svc = config.services[service]
+        try:
+            await js.add_consumer(svc.stream, consumer_config(config, service))
+        except Exception as exc:
+            raise BrokerError(f"cannot create consumer {config.durable(service)!r} on {svc.stream!r}: {exc}") from exc
+        log.info("consumer.ready", service=service, stream=svc.stream, durable=config.durable(service))
+
+
+async def ensure_stream(js: Any, cfg: StreamConfig) -> None:
+    wanted = stream_config(cfg)
+    try:
+        await js.stream_info(cfg.name)
+    except NotFoundError:
+        await js.add_stream(wanted)
+        log.info("stream.created", stream=cfg.name, subjects=cfg.subjects)
+        return
+    try:
+        await js.update_stream(wanted)
+    except Exception as exc:
+        raise BrokerError(f"cannot update stream {cfg.name!r}: {exc}") from exc

@@ -1,0 +1,195 @@
+"""The supervisor: start, pin and restart worker processes; one shared shutdown; the exit code.
+
+Each service gets ``workers`` processes. Worker *slots* are numbered across services and pinned
+round-robin over the CPUs the supervisor may use (``supervisor.cpus`` or its own affinity), so two
+busy workers do not fight over one core while another idles. A slot whose process dies while the
+supervisor is running is restarted after an exponential backoff; more than ``max_restarts`` crashes
+within ``restart_window_s`` is a crash loop: everything is stopped and the exit code is 3.
+
+SIGTERM or SIGINT sets one ``multiprocessing.Event`` that every worker watches: they stop pulling,
+drain and exit. The supervisor waits until the largest ``drain_timeout_s`` plus a margin (Kubernetes'
+terminationGracePeriodSeconds must be larger), then kills what is left. A second signal kills at once.
+
+Exit codes: 0 clean drain, 1 a worker had to be killed or exited with an error during shutdown,
+3 crash loop, 130 stopped by a second signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from engine.config import Config
+from engine.worker import WorkerSpec, worker_main
+
+log = structlog.get_logger("jetpool.supervisor")
+
+EXIT_OK, EXIT_UNCLEAN, EXIT_CRASH_LOOP, EXIT_FORCED = 0, 1, 3, 130
+_DRAIN_MARGIN_S = 5.0
+
+
+@dataclass
+class Slot:
+    """One worker position: keeps its CPU and index across restarts."""
+
+    spec: WorkerSpec
+    heartbeat: Any
+    process: Any = None
+    restarts: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+
+
+def plan_cpus(count: int, allowed: Sequence[int] | None = None) -> list[int]:
+    """CPU for each of ``count`` slots, round-robin over the allowed CPUs."""
+    cpus = sorted(allowed if allowed else os.sched_getaffinity(0))
+    return [cpus[i % len(cpus)] for i in range(count)]
+
+
+class Supervisor:
+    """Runs the worker processes of the given services until shutdown.
+
+    Args:
+        config: the loaded config; ``nats.url`` must be set (the CLI starts an embedded broker first).
+        services: which services to run (one Kubernetes pod usually runs one).
+    """
+
+    def __init__(self, config: Config, services: Sequence[str]) -> None:
+        self.config = config
+        self._ctx = multiprocessing.get_context("spawn")
+        self.shutdown = self._ctx.Event()
+        self.slots = self._plan(services)
+        self._crashes: deque[float] = deque()
+        self._stopping = False
+        self._exit_code = EXIT_OK
+        self._done: asyncio.Future[int] | None = None
+        self._signals = 0
+
+    def _plan(self, services: Sequence[str]) -> list[Slot]:
+        wanted = [(s, i) for s in services for i in range(self.config.services[s].workers)]
+        cpus = plan_cpus(len(wanted), self.config.supervisor.cpus)
+        slots = []
+        for slot_no, ((service, index), cpu) in enumerate(zip(wanted, cpus, strict=True)):
+            pinned = cpu if self.config.services[service].pin_cpus else None
+            spec = WorkerSpec(self.config, service, index, slot_no, pinned)
+            slots.append(Slot(spec, self._ctx.Value("d", 0.0, lock=False)))
+        return slots
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self.slots if s.process is not None and s.process.is_alive()]
+
+    async def run(self) -> int:
+        """Start every slot and wait until shutdown completes; return the exit code."""
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        for slot in self.slots:
+            self._start(slot)
+        log.info("supervisor.started", workers=len(self.slots), pid=os.getpid())
+        try:
+            return await self._done
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    def _start(self, slot: Slot) -> None:
+        slot.heartbeat.value = 0.0
+        proc = self._ctx.Process(target=worker_main, args=(slot.spec, self.shutdown, slot.heartbeat),
+                                 name=f"jetpool-{slot.spec.service}-{slot.spec.index}")
+        proc.start()
+        slot.process = proc
+        # The sentinel becomes readable when the process ends: no polling needed.
+        asyncio.get_running_loop().add_reader(proc.sentinel, self._on_exit, slot, proc)
+        log.info("worker.spawned", service=slot.spec.service, worker=slot.spec.index, pid=proc.pid,
+                 cpu=slot.spec.cpu)
+
+    def _on_exit(self, slot: Slot, proc: Any) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(proc.sentinel)
+        proc.join()
+        code = proc.exitcode
+        slot.exit_codes.append(code)
+        if self._stopping:
+            if code != 0:
+                self._exit_code = max(self._exit_code, EXIT_UNCLEAN)
+            self._maybe_finish()
+            return
+        log.warning("worker.exited", service=slot.spec.service, worker=slot.spec.index, pid=proc.pid, code=code)
+        if self._crash_loop():
+            log.error("supervisor.crash_loop", max_restarts=self.config.supervisor.max_restarts,
+                      window_s=self.config.supervisor.restart_window_s)
+            self._exit_code = EXIT_CRASH_LOOP
+            self.begin_shutdown()
+            return
+        delay = self._backoff(slot)
+        slot.restarts += 1
+        loop.call_later(delay, self._restart, slot)
+
+    def _restart(self, slot: Slot) -> None:
+        if not self._stopping:
+            self._start(slot)
+        else:
+            self._maybe_finish()
+
+    def _crash_loop(self) -> bool:
+        now, sup = time.monotonic(), self.config.supervisor
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > sup.restart_window_s:
+            self._crashes.popleft()
+        return len(self._crashes) > sup.max_restarts
+
+    def _backoff(self, slot: Slot) -> float:
+        sup = self.config.supervisor
+        return float(min(sup.restart_backoff_max_s, sup.restart_backoff_s * 2 ** min(slot.restarts, 16)))
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("supervisor.signal", signal=signal.Signals(signum).name, action="drain")
+            self.begin_shutdown()
+            return
+        log.warning("supervisor.signal", signal=signal.Signals(signum).name, action="kill")
+        self._exit_code = EXIT_FORCED
+        self._kill_all()
+        self._finish()
+
+    def begin_shutdown(self) -> None:
+        """Set the shared shutdown event and arm the kill deadline."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.shutdown.set()
+        deadline = max(self.config.services[s.spec.service].drain_timeout_s for s in self.slots) + _DRAIN_MARGIN_S
+        asyncio.get_running_loop().call_later(deadline, self._deadline_passed)
+        self._maybe_finish()
+
+    def _deadline_passed(self) -> None:
+        if self.pids:
+            log.error("supervisor.drain_deadline", killing=self.pids)
+            self._exit_code = max(self._exit_code, EXIT_UNCLEAN)
+            self._kill_all()
+        self._finish()
+
+    def _kill_all(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.is_alive():
+                slot.process.kill()
+
+    def _maybe_finish(self) -> None:
+        if not any(s.process is not None and s.process.exitcode is None for s in self.slots):
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._done is not None and not self._done.done():
+            log.info("supervisor.stopped", exit_code=self._exit_code)
+            self._done.set_result(self._exit_code)

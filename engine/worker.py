@@ -1,0 +1,109 @@
+"""One worker process: uvloop, one connection, the service's consumer, then a drain on shutdown.
+
+The process is started by the supervisor with the *spawn* method, so no event loop, socket or
+lock crosses a fork. It watches three stop signals: the supervisor's shared shutdown event (set on
+SIGTERM/SIGINT to the supervisor), its own SIGTERM, and the death of its parent (orphaned workers
+drain and exit instead of consuming forever). SIGINT is ignored here: Ctrl-C in a terminal reaches
+the whole process group and the supervisor alone decides what it means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import uvloop
+
+from engine.config import Config
+from engine.connection import connect
+from engine.consumer import Consumer
+from engine.dispatch import build_router
+from engine.logs import configure_logging
+from engine.publisher import Publisher
+
+log = structlog.get_logger("jetpool.worker")
+
+_POLL_S = 0.1
+_BEAT_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, picklable for the spawn start method."""
+
+    config: Config
+    service: str
+    index: int
+    slot: int
+    cpu: int | None
+
+
+def worker_main(spec: WorkerSpec, shutdown: Any, heartbeat: Any) -> None:
+    """Process entry point (top-level so that spawn can import it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.cpu is not None:
+        os.sched_setaffinity(0, {spec.cpu})
+    cfg = spec.config
+    configure_logging(cfg.log.level, cfg.log.format, service=spec.service, worker=spec.index, pid=os.getpid())
+    try:
+        code = uvloop.run(run_worker(spec, shutdown, heartbeat))
+    except Exception as exc:
+        log.error("worker.crashed", error=repr(exc))
+        code = 1
+    sys.exit(code)
+
+
+async def run_worker(spec: WorkerSpec, shutdown: Any, heartbeat: Any) -> int:
+    """Consume until told to stop, then drain. Returns the process exit code."""
+    cfg, service = spec.config, spec.service
+    loop = asyncio.get_running_loop()
+    local_stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, local_stop.set)
+    consumers: list[Consumer] = []
+
+    async def reconnected() -> None:
+        log.info("nats.reconnected")
+        for consumer in consumers:
+            consumer.on_reconnect()
+
+    async def disconnected() -> None:
+        log.warning("nats.disconnected")
+
+    router = build_router(cfg, service)
+    nc = await connect(cfg.nats, name=f"{cfg.app}.{service}.{spec.index}", reconnected_cb=reconnected,
+                       disconnected_cb=disconnected)
+    publisher = Publisher(nc, cfg.subject_prefix, cfg.nats.publish_timeout_s)
+    await publisher.start()
+    consumer = Consumer(nc, cfg, service, router, publisher, worker=spec.index)
+    await consumer.start()
+    consumers.append(consumer)
+    log.info("worker.started", cpu=spec.cpu)
+    await _wait_for_stop(shutdown, local_stop, nc, heartbeat)
+    heartbeat.value = 0.0
+    log.info("worker.draining", in_flight=consumer.in_flight)
+    await consumer.stop(cfg.services[service].drain_timeout_s)
+    await publisher.stop()
+    with contextlib.suppress(Exception):
+        await nc.flush(timeout=5)
+    await nc.close()
+    log.info("worker.stopped")
+    return 0
+
+
+async def _wait_for_stop(shutdown: Any, local_stop: asyncio.Event, nc: Any, heartbeat: Any) -> None:
+    parent = os.getppid()
+    beat_at = 0.0
+    while not (shutdown.is_set() or local_stop.is_set() or os.getppid() != parent):
+        now = time.time()
+        if now - beat_at >= _BEAT_S:
+            heartbeat.value = now if nc.is_connected else 0.0
+            beat_at = now
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(local_stop.wait(), _POLL_S)
