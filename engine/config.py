@@ -234,7 +234,10 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    apply_env_overrides(raw, os.environ if env is None else env)
+    try:
+        apply_env_overrides(raw, os.environ if env is None else env)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return parse_config(raw, source=str(path))
 
 
@@ -265,14 +268,21 @@ def _format_error(source: str, err: Any) -> str:
 
 
 def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    """Apply JETPOOL_* variables onto the raw mapping, in place."""
+    """Apply JETPOOL_* variables onto the raw mapping, in place; a bad one is a ConfigError naming it."""
     for name, short_path in SHORT_ENV.items():
         if env.get(name):
-            _set_path(raw, list(short_path), env[name])
+            _override(raw, name, list(short_path), env[name], parse=False)
     for name, value in sorted(env.items()):
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
             keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
-            _set_path(raw, keys, yaml.safe_load(value) if value else value)
+            _override(raw, name, keys, value, parse=True)
+
+
+def _override(raw: dict[str, Any], name: str, keys: list[str], value: str, parse: bool) -> None:
+    try:
+        _set_path(raw, keys, yaml.safe_load(value) if parse and value else value)
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ConfigError(f"environment variable {name}: cannot set {'.'.join(keys)}: {exc}") from None
 
 
 def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -283,21 +293,26 @@ def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     if isinstance(node, list):
         node[_list_index(node, last)] = value
     else:
-        node[last] = value
+        node[_key(node, last)] = value
 
 
 def _child(node: Any, key: str) -> Any:
     if isinstance(node, list):
         return node[_list_index(node, key)]
-    # Service names keep their YAML spelling; match them case-insensitively.
-    actual = next((k for k in node if str(k).lower() == key), key)
-    return node.setdefault(actual, {})
+    return node.setdefault(_key(node, key), {})
+
+
+def _key(node: Any, key: str) -> Any:
+    if not isinstance(node, dict):
+        raise ConfigError(f"expected a mapping to hold {key!r}, found a {type(node).__name__}")
+    # Names keep their YAML spelling (services, route event types); match them case-insensitively.
+    return next((k for k in node if str(k).lower() == key), key)
 
 
 def _list_index(node: list[Any], key: str) -> int:
-    if key.isdigit():
+    if key.isdigit() and int(key) < len(node):
         return int(key)
     for i, item in enumerate(node):
         if isinstance(item, dict) and str(item.get("name", "")).lower() == key:
             return i
-    raise ConfigError(f"environment override: no list item named {key!r}")
+    raise ConfigError(f"no list item named {key!r}")

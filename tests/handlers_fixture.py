@@ -1,0 +1,44 @@
+"""Handlers the integration and fault tests route to (imported by engine subprocesses via PYTHONPATH).
+
+Keep them tiny and deterministic: each behaviour a test relies on is driven by the delivery attempt
+or by the event's data, never by timing or shared state across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from engine import Context, Event
+
+
+def _pong(event: Event) -> Event:
+    return Event(type="Pong", data=event.data, aggregate_id=event.aggregate_id)
+
+
+async def flaky(event: Event, ctx: Context) -> Event:
+    """Fail the first delivery of every event, answer a Pong on any later one."""
+    if ctx.attempt == 1:
+        raise RuntimeError(f"first attempt of {event.id} fails on purpose")
+    return _pong(event)
+
+
+async def slow_echo(event: Event, ctx: Context) -> Event:
+    """A Pong after ``data.sleep_s`` seconds (0 when absent), so drains have work in flight."""
+    await asyncio.sleep(float(event.data.get("sleep_s", 0)))
+    return _pong(event)
+
+
+async def unstored_then_pong(event: Event, ctx: Context) -> list[Event]:
+    """First delivery: a Pong plus an event no stream captures, so the publish fails and the input is
+    nakked after its Pong was already stored. Later deliveries: the same Pong (same position, same id)
+    and a Pang, which the stream does capture.
+    """
+    second = "Lost" if ctx.attempt == 1 else "Pang"
+    return [_pong(event), Event(type=second, data={"attempt": ctx.attempt}, aggregate_id=event.aggregate_id)]
+
+
+async def attempts(event: Event, ctx: Context) -> Event:
+    """A Pong that records which delivery attempt produced it and in which process."""
+    return Event(type="Pong", data={**event.data, "attempt": ctx.attempt, "pid": os.getpid()},
+                 aggregate_id=event.aggregate_id)

@@ -1,0 +1,429 @@
+"""Helpers shared by the integration and fault tests: configs, a NATS test client, engine processes.
+
+Everything here talks to 127.0.0.1 only. Tests are plain synchronous pytest functions; each NATS
+helper opens its own short-lived connection inside ``asyncio.run`` so no event loop outlives a call.
+Engine processes are real ``python -m engine run`` subprocesses in their own session; they are
+stopped by PID (supervisor first suspended so it cannot spawn replacements, then every descendant),
+never by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nats
+import psutil  # type: ignore[import-untyped]
+import yaml
+from nats.js import api
+
+from engine.events import MSG_ID_HEADER, Event, derived_id
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HANDLERS = "tests.handlers_fixture"
+
+T = TypeVar("T")
+
+
+# ---- polling ---------------------------------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.1,
+             detail: Callable[[], str] | None = None) -> T:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` (and ``detail()``) on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            extra = f"\n{detail()}" if detail else ""
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{extra}")
+        time.sleep(interval_s)
+
+
+# ---- configs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class App:
+    """A config written for one test: unique stream name and subject prefix, so tests never share data."""
+
+    path: Path
+    url: str
+    stream: str
+    prefix: str
+    raw: dict[str, Any]
+
+    def subject(self, event_type: str) -> str:
+        return f"{self.prefix}.{event_type}"
+
+    def durable(self, service: str) -> str:
+        return str(self.raw["services"][service].get("durable") or service)
+
+
+DEFAULT_SERVICE: dict[str, Any] = {
+    "routes": {"Ping": "handlers.examples:echo"},
+    "workers": 1,
+    "batch": 32,
+    "max_in_flight": 64,
+    "ack_wait_s": 10,
+    "max_deliver": 5,
+    "drain_timeout_s": 10,
+    "idle_heartbeat_s": 1,
+    "pull_expires_s": 5,
+}
+
+
+def write_config(directory: Path, url: str, services: dict[str, dict[str, Any]] | None = None, *,
+                 stream: dict[str, Any] | None = None, supervisor: dict[str, Any] | None = None,
+                 nats_options: dict[str, Any] | None = None, name: str = "jetpool.yaml") -> App:
+    """Write a config YAML into ``directory`` and return what a test needs to know about it.
+
+    Args:
+        directory: where the file goes (the test's tmp_path).
+        url: the broker, written as ``nats.url``.
+        services: service name -> keys overriding :data:`DEFAULT_SERVICE` (default: one ``echo``).
+        stream: keys overriding the stream entry (its name and subjects are unique per call).
+        supervisor: the ``supervisor`` section.
+        nats_options: more keys for the ``nats`` section.
+        name: the file name.
+    """
+    uid = uuid.uuid4().hex[:10]
+    prefix, stream_name = f"t{uid}", f"T{uid.upper()}"
+    raw: dict[str, Any] = {
+        "app": f"test-{uid}",
+        "subject_prefix": prefix,
+        "nats": {"url": url, "reconnect_wait_s": 0.25, "publish_timeout_s": 5, **(nats_options or {})},
+        "streams": [{"name": stream_name, "subjects": [f"{prefix}.>"], "storage": "file", **(stream or {})}],
+        "services": {svc: {"stream": stream_name, **DEFAULT_SERVICE, **keys}
+                     for svc, keys in (services or {"echo": {}}).items()},
+        "log": {"level": "info", "format": "json"},
+    }
+    if supervisor:
+        raw["supervisor"] = supervisor
+    path = directory / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return App(path, url, stream_name, prefix, raw)
+
+
+# ---- events ----------------------------------------------------------------------------------------
+
+
+def pings(count: int, **data: Any) -> list[Event]:
+    """``count`` Ping events with distinct ids; ``data`` is copied into each payload."""
+    return [Event(type="Ping", data={"n": i, **data}, aggregate_id=f"agg-{i}") for i in range(count)]
+
+
+def expected_pong_ids(events: Iterable[Event]) -> set[str]:
+    """The Pong ids the echo handler must produce: output 0 of each Ping."""
+    return {derived_id(e.id, 0) for e in events}
+
+
+# ---- a NATS test client ----------------------------------------------------------------------------
+
+
+class PublishFailed(AssertionError):
+    """The test's own publish was not stored by the stream."""
+
+
+async def _publish_async(url: str, items: Sequence[tuple[str, bytes, dict[str, str]]], window: int,
+                         timeout_s: float) -> list[dict[str, Any]]:
+    nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+    try:
+        inbox = nc.new_inbox()
+        results: dict[int, dict[str, Any]] = {}
+        slots = asyncio.Semaphore(window)
+        all_in = asyncio.Event()
+
+        async def on_ack(msg: Any) -> None:
+            index = int(msg.subject.rsplit(".", 1)[1])
+            if msg.headers and msg.headers.get("Status") == "503":
+                results[index] = {"error": {"description": "no responders (no stream captures the subject)"}}
+            else:
+                results[index] = json.loads(msg.data)
+            slots.release()
+            if len(results) == len(items):
+                all_in.set()
+
+        await nc.subscribe(inbox + ".*", cb=on_ack)
+        for index, (subject, payload, headers) in enumerate(items):
+            await asyncio.wait_for(slots.acquire(), timeout_s)
+            await nc.publish(subject, payload, reply=f"{inbox}.{index}", headers=headers)
+        if items:
+            await asyncio.wait_for(all_in.wait(), timeout_s)
+        acks = [results[i] for i in range(len(items))]
+        failed = [(i, a["error"]) for i, a in enumerate(acks) if a.get("error")]
+        if failed:
+            raise PublishFailed(f"{len(failed)} of {len(items)} publishes failed, first: {failed[0]}")
+        return acks
+    finally:
+        await nc.close()
+
+
+def publish(app: App, events: Sequence[Event], *, msg_ids: Sequence[str] | None = None, window: int = 256,
+            timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """Publish events as a producer would (subject by type, ``Nats-Msg-Id`` = id), pipelined.
+
+    Returns the PubAcks (``{"stream":..., "seq":..., "duplicate": bool?}``) in event order and raises
+    :class:`PublishFailed` if any publish was refused.
+    """
+    ids = list(msg_ids) if msg_ids is not None else [e.id for e in events]
+    items = [(app.subject(e.type), e.encode(), {MSG_ID_HEADER: mid}) for e, mid in zip(events, ids, strict=True)]
+    return asyncio.run(_publish_async(app.url, items, window, timeout_s))
+
+
+def publish_raw(app: App, subject: str, body: bytes, msg_id: str | None = None) -> dict[str, Any]:
+    """Publish one arbitrary body (e.g. a malformed event) and return its PubAck."""
+    headers = {MSG_ID_HEADER: msg_id or uuid.uuid4().hex}
+    return asyncio.run(_publish_async(app.url, [(subject, body, headers)], 1, 30.0))[0]
+
+
+async def _with_js(url: str, work: Callable[[Any], Any]) -> Any:
+    nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+    try:
+        return await work(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def count(app: App, event_type: str) -> int:
+    """How many messages the stream holds on the subject of ``event_type`` (cheap: stream info only)."""
+
+    async def work(js: Any) -> int:
+        info = await js.stream_info(app.stream, subjects_filter=app.subject(event_type))
+        return int(sum((info.state.subjects or {}).values()))
+
+    return int(asyncio.run(_with_js(app.url, work)))
+
+
+def read(app: App, event_type: str, timeout_s: float = 60.0) -> list[Event]:
+    """Every message stored on the subject of ``event_type``, decoded, in stream order."""
+
+    async def work(js: Any) -> list[Event]:
+        subject = app.subject(event_type)
+        info = await js.stream_info(app.stream, subjects_filter=subject)
+        expected = int(sum((info.state.subjects or {}).values()))
+        if expected == 0:
+            return []
+        config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
+                                    inactive_threshold=30.0)
+        sub = await js.pull_subscribe(subject, stream=app.stream, config=config)
+        out: list[Event] = []
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(out) < expected:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"read only {len(out)} of {expected} {event_type} messages")
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    for msg in await sub.fetch(min(500, expected - len(out)), timeout=2):
+                        out.append(Event.decode(msg.data))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return out
+
+    result: list[Event] = asyncio.run(_with_js(app.url, work))
+    return result
+
+
+def consumer_info(app: App, service: str) -> Any:
+    """The durable consumer's ``ConsumerInfo`` (num_pending, num_ack_pending, config...)."""
+
+    async def work(js: Any) -> Any:
+        return await js.consumer_info(app.stream, app.durable(service))
+
+    return asyncio.run(_with_js(app.url, work))
+
+
+def stream_info(app: App) -> Any:
+    async def work(js: Any) -> Any:
+        return await js.stream_info(app.stream)
+
+    return asyncio.run(_with_js(app.url, work))
+
+
+def settled(app: App, service: str) -> bool:
+    """True when the service's consumer has nothing left: no pending and no unacknowledged message."""
+    info = consumer_info(app, service)
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
+# ---- engine processes ------------------------------------------------------------------------------
+
+
+def engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of an engine subprocess: no stray JETPOOL_* settings, tests importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETPOOL")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args: Sequence[str], *, env: dict[str, str] | None = None, timeout_s: float = 60.0,
+            module: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``jetpool ARGS`` (or ``python -m engine ARGS``) to completion and capture its output."""
+    if module:
+        command = [sys.executable, "-m", "engine", *args]
+    else:
+        command = [str(Path(sys.executable).parent / "jetpool"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT,
+                          env=engine_env(env))
+
+
+@dataclass
+class Engine:
+    """One ``python -m engine run`` process tree, its JSON log and helpers to watch it."""
+
+    config: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    # (pid, create_time) of every descendant ever seen, so teardown can find orphans safely.
+    seen: set[tuple[int, float]] = field(default_factory=set)
+
+    def start(self) -> Engine:
+        command = [sys.executable, "-m", "engine", "run", "-c", str(self.config), *self.args]
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=out, cwd=REPO_ROOT, env=engine_env(self.env),
+                                         start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # ---- the log ----
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        """Parsed JSON log lines (optionally only those whose ``event`` is ``event``)."""
+        out = []
+        for line in self.log_text().splitlines():
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if event is None or record.get("event") == event:
+                out.append(record)
+        return out
+
+    def tail(self, lines: int = 40) -> str:
+        return "engine log tail:\n" + "\n".join(self.log_text().splitlines()[-lines:])
+
+    def wait_workers(self, count: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Wait until ``count`` ``worker.started`` lines exist (fail early if the supervisor died)."""
+
+        def started() -> list[dict[str, Any]] | None:
+            assert self.proc is not None
+            records = self.records("worker.started")
+            if len(records) >= count:
+                return records
+            if self.proc.poll() is not None:
+                raise AssertionError(f"engine exited with {self.proc.returncode} before {count} workers "
+                                     f"started\n{self.tail()}")
+            return None
+
+        return wait_for(started, timeout_s, f"{count} worker.started log lines", detail=self.tail)
+
+    def worker_pids(self) -> dict[tuple[str, int], int]:
+        """(service, worker index) -> pid of the latest started process of that slot."""
+        return {(r["service"], r["worker"]): r["pid"] for r in self.records("worker.started")}
+
+    # ---- the process tree ----
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            children: list[psutil.Process] = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                self.seen.add((child.pid, child.create_time()))
+        return children
+
+    def workers(self) -> list[psutil.Process]:
+        """Live worker processes (multiprocessing children other than the resource tracker)."""
+        out: list[psutil.Process] = []
+        for child in self.descendants():
+            with contextlib.suppress(psutil.Error):
+                cmdline = " ".join(child.cmdline())
+                if "multiprocessing" in cmdline and "resource_tracker" not in cmdline:
+                    out.append(child)
+        return out
+
+    def alive(self) -> list[int]:
+        """PIDs of the supervisor and of every descendant ever seen that still exist (zombies excluded)."""
+        out = []
+        candidates = set(self.seen)
+        if self.proc is not None and self.proc.poll() is None:
+            out.append(self.pid)
+        for pid, created in candidates:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+        return out
+
+    def send(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"engine did not exit within {timeout_s}s\n{self.tail()}") from None
+
+    def kill_tree(self) -> None:
+        """SIGSTOP the supervisor (no respawns), SIGKILL it and every descendant by PID, reap them."""
+        if self.proc is None:
+            return
+        procs: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            supervisor = psutil.Process(self.pid)
+            if self.proc.poll() is None:
+                supervisor.suspend()
+                procs.append(supervisor)
+        self.descendants()
+        for pid, created in self.seen:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if proc.create_time() == created:
+                    procs.append(proc)
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
+def kill_pid(pid: int | None, timeout_s: float = 10.0) -> None:
+    """SIGKILL one process by PID (if it still exists) and wait for it."""
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(psutil.Error):
+        psutil.Process(pid).wait(timeout_s)

@@ -1,0 +1,85 @@
+"""The envelope: round trip, malformed bodies with readable reasons, deterministic derived ids."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+import pytest
+
+from engine.errors import MalformedEvent
+from engine.events import MSG_ID_HEADER, SCHEMA_VERSION, Event, derived_id, new_id, new_trace_id
+
+
+def test_round_trip_keeps_every_field() -> None:
+    event = Event(type="OrderPlaced", data={"order": "o-1", "items": [1, 2], "total": 9.5}, aggregate_id="o-1",
+                  causation_id="c", correlation_id="r")
+    back = Event.decode(event.encode())
+    assert back == event
+    assert back.to_dict() == event.to_dict()
+    assert event.headers() == {MSG_ID_HEADER: event.id}
+
+
+def test_defaults_are_filled_in() -> None:
+    event = Event(type="Ping")
+    assert re.fullmatch(r"[0-9a-f]{32}", event.id)
+    assert re.fullmatch(r"[0-9a-f]{32}", event.trace_id)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", event.timestamp)
+    assert event.v == SCHEMA_VERSION
+    assert new_id() != new_id()
+    assert new_trace_id() != new_trace_id()
+
+
+def test_minimal_producer_body_decodes() -> None:
+    event = Event.decode(b'{"id": "e1", "type": "Ping", "data": {}}')
+    assert (event.id, event.type, event.data, event.aggregate_id) == ("e1", "Ping", {}, "")
+    assert event.causation_id is None and event.correlation_id is None
+    assert event.trace_id and event.timestamp
+
+
+def body(**fields: Any) -> bytes:
+    base: dict[str, Any] = {"id": "e1", "type": "Ping", "data": {}}
+    base.update(fields)
+    return orjson.dumps({k: v for k, v in base.items() if v is not ...})
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b"not json", "body is not JSON: "),
+    (b"", "body is not JSON: "),
+    (b"[1, 2]", "body must be a JSON object, got list"),
+    (b'"Ping"', "body must be a JSON object, got str"),
+    (body(id=...), "field 'id' is missing"),
+    (body(type=...), "field 'type' is missing"),
+    (body(data=...), "field 'data' is missing"),
+    (body(id=5), "field 'id' must be a string, got int"),
+    (body(type=None), "field 'type' must be a string, got NoneType"),
+    (body(data=[1]), "field 'data' must be an object, got list"),
+    (body(aggregate_id=3), "field 'aggregate_id' must be a string, got int"),
+    (body(causation_id=7), "field 'causation_id' must be a string or null, got int"),
+    (body(v="1"), "field 'v' must be an integer, got str"),
+    (body(id=""), "fields 'id' and 'type' must not be empty"),
+])
+def test_malformed_bodies_have_readable_reasons(raw: bytes, reason: str) -> None:
+    with pytest.raises(MalformedEvent) as info:
+        Event.decode(raw)
+    assert str(info.value).startswith(reason)
+
+
+def test_derived_ids_are_deterministic_and_distinct() -> None:
+    assert derived_id("abc", 0) == derived_id("abc", 0)
+    assert re.fullmatch(r"[0-9a-f]{32}", derived_id("abc", 0))
+    ids = {derived_id(parent, pos) for parent in ("abc", "abd", "ab") for pos in range(3)}
+    assert len(ids) == 9
+
+
+def test_caused_by_binds_output_to_its_input() -> None:
+    parent = Event(type="OrderPlaced", data={}, correlation_id=None)
+    child = Event(type="PaymentRequested").caused_by(parent, 1)
+    assert child.id == derived_id(parent.id, 1)
+    assert child.causation_id == parent.id
+    assert child.correlation_id == parent.id  # the first event of a flow is its correlation id
+    assert child.trace_id == parent.trace_id
+    grandchild = Event(type="PaymentCaptured").caused_by(child, 0)
+    assert grandchild.correlation_id == parent.id
+    assert grandchild.causation_id == child.id

@@ -1,0 +1,56 @@
+"""The ack / nak / term rules of engine.outcome.decide."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import HandlerTimeout, MalformedEvent, NoRoute, PublishTimeout, Reject, Retry
+from engine.outcome import Action, RetryPolicy, decide, describe
+
+POLICY = RetryPolicy(base_s=0.5, max_s=30.0, jitter=False)
+
+
+def test_success_is_acked() -> None:
+    outcome = decide(None, attempt=1, max_deliver=5, policy=POLICY)
+    assert outcome.action is Action.ACK
+    assert outcome.label == "ack"
+    assert not outcome.dead_letter
+
+
+def test_retry_naks_with_the_requested_delay_even_on_the_last_attempt() -> None:
+    outcome = decide(Retry(2.5, "bank busy"), attempt=5, max_deliver=5, policy=POLICY)
+    assert (outcome.action, outcome.delay_s, outcome.reason) == (Action.NAK, 2.5, "bank busy")
+    assert outcome.label == "retry"
+
+
+@pytest.mark.parametrize("exc", [Reject("card stolen"), MalformedEvent("body is not JSON"), NoRoute("no route")])
+def test_permanent_failures_are_termed_and_dead_lettered_at_once(exc: Exception) -> None:
+    outcome = decide(exc, attempt=1, max_deliver=5, policy=POLICY)
+    assert outcome.action is Action.TERM
+    assert outcome.dead_letter
+    assert outcome.label == "dead_letter"
+    assert outcome.reason == f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), HandlerTimeout("slow"), PublishTimeout("no PubAck")])
+def test_other_failures_are_nakked_with_backoff_until_the_last_attempt(exc: Exception) -> None:
+    delays = [decide(exc, attempt=a, max_deliver=5, policy=POLICY) for a in range(1, 5)]
+    assert all(o.action is Action.NAK and not o.dead_letter for o in delays)
+    assert [o.delay_s for o in delays] == [0.5, 1.0, 2.0, 4.0]
+    last = decide(exc, attempt=5, max_deliver=5, policy=POLICY)
+    assert last.action is Action.TERM and last.dead_letter
+    assert decide(exc, attempt=6, max_deliver=5, policy=POLICY).action is Action.TERM
+
+
+def test_backoff_is_capped_and_jitter_stays_within_half_to_full_ceiling() -> None:
+    assert RetryPolicy(base_s=1, max_s=5, jitter=False).delay_s(10) == 5
+    jittered = RetryPolicy(base_s=1, max_s=30, jitter=True)
+    for attempt in range(1, 8):
+        ceiling = min(30, 2 ** (attempt - 1))
+        for _ in range(50):
+            assert ceiling / 2 <= jittered.delay_s(attempt) <= ceiling
+
+
+def test_describe() -> None:
+    assert describe(ValueError("bad amount")) == "ValueError: bad amount"
+    assert describe(KeyError()) == "KeyError"
