@@ -23,12 +23,12 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import structlog
 
+from engine import eager
 from engine.config import Config
 from engine.dispatch import Context, Router, ack_metadata
 from engine.errors import HandlerTimeout
@@ -43,16 +43,49 @@ NAK = b"-NAK"
 TERM = b"+TERM"
 IN_PROGRESS = b"+WPI"
 _NS = 1_000_000_000
+_DRAIN_POLL_S = 0.02
 
 DeadLetterHook = Callable[[Any, Event | None, Outcome, int, str], Awaitable[None]]
 
 
-@dataclass(slots=True)
-class _InFlight:
-    task: asyncio.Task[None]
-    started: float
-    progress_at: float
-    timed_out: bool = False
+class _Delivery:
+    """One delivered message from receipt to settlement; also the waiter of its outputs' PubAcks."""
+
+    __slots__ = (
+        "consumer",
+        "error",
+        "event",
+        "handled",
+        "msg",
+        "progress_at",
+        "reply",
+        "settled",
+        "started",
+        "task",
+        "timed_out",
+        "waiting",
+    )
+
+    def __init__(self, consumer: Consumer, msg: Any, now: float) -> None:
+        self.consumer = consumer
+        self.msg = msg
+        self.reply: str = msg.reply
+        self.event: Event | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.started = now
+        self.progress_at = now
+        self.handled = False
+        self.timed_out = False
+        self.settled = False
+        self.waiting = 0
+        self.error: Exception | None = None
+
+    async def on_puback(self, error: Exception | None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        self.waiting -= 1
+        if self.waiting == 0:
+            await self.consumer._finish(self)
 
 
 class Consumer:
@@ -91,7 +124,7 @@ class Consumer:
         self._heartbeat_ns = int(svc.idle_heartbeat_s * _NS)
         self._tick_s = min(1.0, svc.idle_heartbeat_s / 2, svc.ack_wait_s / 6, svc.handler_timeout_s / 4)
         self._credit = 0
-        self._in_flight: dict[str, _InFlight] = {}
+        self._in_flight: dict[str, _Delivery] = {}
         self._stopping = False
         self._loop = asyncio.get_running_loop()
         self._last_seen = self._loop.time()
@@ -108,22 +141,25 @@ class Consumer:
         await self._pull()
 
     async def stop(self, drain_timeout_s: float) -> None:
-        """Drain: stop pulling, give in-flight handlers until the deadline, release the rest."""
+        """Drain: stop pulling, give in-flight work until the deadline, release the rest."""
         self._stopping = True
-        running = [f.task for f in self._in_flight.values()]
-        if running:
-            await asyncio.wait(running, timeout=drain_timeout_s)
-        leftover = [f.task for f in self._in_flight.values()]
-        for task in leftover:
-            task.cancel()
-        if leftover:
-            await asyncio.gather(*leftover, return_exceptions=True)
+        deadline = self._loop.time() + drain_timeout_s
+        while self._in_flight and self._loop.time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        leftover = list(self._in_flight.values())
+        tasks = [d.task for d in leftover if d.task is not None and not d.task.done()]
+        for task in tasks:
+            task.cancel()  # handler still running: _on_cancelled releases it
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for delivery in list(self._in_flight.values()):
+            await self._release(delivery)  # outputs not yet confirmed: redelivery re-publishes them
         if self._ticker:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         log.info("consumer.drained", service=self.service, worker=self._worker,
-                 released=len(leftover), **self.counts)
+                 unfinished=len(leftover), **self.counts)
 
     def on_reconnect(self) -> None:
         """Pull requests die with the old connection: forget their credit and pull again."""
@@ -154,8 +190,11 @@ class Consumer:
             await self._nc.publish(reply, NAK)
             self.counts["released"] += 1
             return
-        task = self._loop.create_task(self._process(msg))
-        self._in_flight[reply] = _InFlight(task, self._last_seen, self._last_seen)
+        delivery = _Delivery(self, msg, self._last_seen)
+        self._in_flight[reply] = delivery
+        finished, _, task = eager.start(self._handle(delivery))
+        if not finished:
+            delivery.task = task
         if self._window - len(self._in_flight) - self._credit >= self._threshold:
             await self._pull()
 
@@ -189,45 +228,70 @@ class Consumer:
 
     # ---- processing ------------------------------------------------------------------------------
 
-    async def _process(self, msg: Any) -> None:
-        reply = msg.reply
-        event: Event | None = None
+    async def _handle(self, d: _Delivery) -> None:
+        """Decode, run the handler, publish its outputs; the last PubAck (or none) finishes it."""
         try:
-            event = Event.decode(msg.data)
-            ctx = Context(self.service, self._worker, reply, msg.subject, self._resources)
+            event = d.event = Event.decode(d.msg.data)
+            ctx = Context(self.service, self._worker, d.reply, d.msg.subject, self._resources)
             outputs = await self._router.dispatch(event, ctx)
+            d.handled = True
             if outputs:
-                await self._publisher.publish_events(outputs)
-            await self._nc.publish(reply, ACK)
-            self.counts["acked"] += 1
+                d.waiting = len(outputs)
+                await self._publisher.send_events(outputs, d)
+            else:
+                await self._finish(d)
         except asyncio.CancelledError:
-            await self._on_cancelled(msg, event)
+            await self._on_cancelled(d)
         except Exception as exc:
-            await self._settle(msg, event, exc)
-        finally:
-            del self._in_flight[reply]
-            if not self._stopping and self._window - len(self._in_flight) - self._credit >= self._threshold:
-                await self._pull()
+            await self._fail(d, exc)
 
-    async def _on_cancelled(self, msg: Any, event: Event | None) -> None:
-        entry = self._in_flight.get(msg.reply)
-        if entry is not None and entry.timed_out:
-            timeout = HandlerTimeout(f"handler ran longer than {self._svc.handler_timeout_s}s")
-            await self._settle(msg, event, timeout)
+    async def _finish(self, d: _Delivery) -> None:
+        """Handler done and every output stored: ack (or settle the publish failure)."""
+        if d.error is not None:
+            await self._fail(d, d.error)
             return
-        await self._nc.publish(msg.reply, NAK)  # drain deadline: release for another worker
-        self.counts["released"] += 1
+        if d.settled:
+            return
+        d.settled = True
+        await self._nc.publish(d.reply, ACK)
+        self.counts["acked"] += 1
+        await self._forget(d)
 
-    async def _settle(self, msg: Any, event: Event | None, exc: BaseException) -> None:
-        attempt = ack_metadata(msg.reply)[0]
+    async def _on_cancelled(self, d: _Delivery) -> None:
+        if d.timed_out:
+            await self._fail(d, HandlerTimeout(f"handler ran longer than {self._svc.handler_timeout_s}s"))
+        else:
+            await self._release(d)
+
+    async def _release(self, d: _Delivery) -> None:
+        """Drain deadline: hand the message back at once so another worker can take it."""
+        if d.settled:
+            return
+        d.settled = True
+        await self._nc.publish(d.reply, NAK)
+        self.counts["released"] += 1
+        await self._forget(d)
+
+    async def _fail(self, d: _Delivery, exc: BaseException) -> None:
+        if d.settled:
+            return
+        d.settled = True
+        attempt = ack_metadata(d.reply)[0]
         outcome = decide(exc, attempt, self._svc.max_deliver, self._policy)
         if outcome.dead_letter and self._dead_letter is not None:
-            await self._dead_letter(msg, event, outcome, attempt, self.service)
-        await self._nc.publish(msg.reply, _settlement(outcome))
+            await self._dead_letter(d.msg, d.event, outcome, attempt, self.service)
+        await self._nc.publish(d.reply, _settlement(outcome))
         self.counts[outcome.label] += 1
+        event = d.event
         log.warning("event.failed", service=self.service, worker=self._worker, outcome=outcome.label,
                     attempt=attempt, delay_s=round(outcome.delay_s, 3), reason=outcome.reason,
                     event_id=event.id if event else None, event_type=event.type if event else None)
+        await self._forget(d)
+
+    async def _forget(self, d: _Delivery) -> None:
+        self._in_flight.pop(d.reply, None)
+        if not self._stopping and self._window - len(self._in_flight) - self._credit >= self._threshold:
+            await self._pull()
 
     # ---- housekeeping ----------------------------------------------------------------------------
 
@@ -252,17 +316,17 @@ class Consumer:
             await self._pull()
 
     async def _watch_handlers(self, now: float) -> None:
-        """Cancel overdue handlers; tell the server slow-but-healthy ones are still in progress."""
+        """Cancel overdue handlers; tell the server slow-but-healthy deliveries are still in progress."""
         progress_every_s = self._svc.ack_wait_s / 3
-        for reply, entry in list(self._in_flight.items()):
-            if entry.timed_out:
+        for d in list(self._in_flight.values()):
+            if d.settled or d.timed_out:
                 continue
-            if now - entry.started > self._svc.handler_timeout_s:
-                entry.timed_out = True
-                entry.task.cancel()
-            elif now - entry.progress_at > progress_every_s:
-                entry.progress_at = now
-                await self._nc.publish(reply, IN_PROGRESS)
+            if not d.handled and d.task is not None and now - d.started > self._svc.handler_timeout_s:
+                d.timed_out = True
+                d.task.cancel()
+            elif now - d.progress_at > progress_every_s:
+                d.progress_at = now
+                await self._nc.publish(d.reply, IN_PROGRESS)
 
 
 def _settlement(outcome: Outcome) -> bytes:
