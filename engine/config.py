@@ -95,6 +95,29 @@ class StreamConfig(_Frozen):
     max_age_s: NonNegFloat = 0.0
 
 
+class BucketConfig(_Frozen):
+    """A JetStream key-value bucket that handlers use as state (``ctx.state(name)``)."""
+
+    history: Annotated[int, Field(ge=1, le=64)] = 1
+    storage: Literal["file", "memory"] = "file"
+    replicas: Annotated[int, Field(ge=1, le=5)] = 1
+
+
+class BreakerConfig(_Frozen):
+    """A circuit breaker handlers call a dependency through (``ctx.breaker(name)``)."""
+
+    fail_max: PosInt = 5
+    reset_timeout_s: PosFloat = 30.0
+
+
+class RetryConfig(_Frozen):
+    """Backoff of nakked failures: exponential from base_s to max_s with jitter, or an explicit list."""
+
+    base_s: PosFloat = 0.5
+    max_s: PosFloat = 30.0
+    delays_s: list[NonNegFloat] | None = None
+
+
 class ServiceConfig(_Frozen):
     """One service: a durable pull consumer on a stream and the routes its workers serve."""
 
@@ -114,6 +137,9 @@ class ServiceConfig(_Frozen):
     pull_expires_s: PosFloat = 30.0
     pin_cpus: bool = True
     replicas: PosInt = 1
+    state: list[Name] = Field(default_factory=list)
+    breakers: list[Name] = Field(default_factory=list)
+    retry: RetryConfig = RetryConfig()
 
     @field_validator("routes")
     @classmethod
@@ -169,6 +195,8 @@ class Config(_Frozen):
     nats: NatsConfig = NatsConfig()
     streams: list[StreamConfig] = Field(min_length=1)
     services: dict[Name, ServiceConfig] = Field(min_length=1)
+    state: dict[Name, BucketConfig] = Field(default_factory=dict)
+    breakers: dict[Name, BreakerConfig] = Field(default_factory=dict)
     supervisor: SupervisorConfig = SupervisorConfig()
     log: LogConfig = LogConfig()
     source: str = Field(default="<config>", exclude=True)
@@ -182,6 +210,12 @@ class Config(_Frozen):
                 raise PydanticCustomError(
                     "jetpool_ref", "services.{svc}.stream: no stream named '{stream}' (streams: {known})",
                     {"svc": name, "stream": svc.stream, "known": ", ".join(streams)})
+            for kind, known, used in (("state", self.state, svc.state), ("breakers", self.breakers, svc.breakers)):
+                missing = [u for u in used if u not in known]
+                if missing:
+                    raise PydanticCustomError(
+                        "jetpool_ref", "services.{svc}.{kind}: {missing} not defined under top-level '{kind}'",
+                        {"svc": name, "kind": kind, "missing": ", ".join(missing)})
             for subject in self.filter_subjects(name):
                 if not any(subject_matches(pattern, subject) for pattern in stream.subjects):
                     raise PydanticCustomError(

@@ -17,9 +17,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.breaker import Breaker
 from engine.config import Config
 from engine.errors import ConfigError, NoRoute
 from engine.events import Event
+from engine.state import StateStore
 
 HandlerResult = Event | Iterable[Event] | None
 Handler = Callable[[Event, "Context"], Awaitable[HandlerResult]]
@@ -54,11 +56,22 @@ class Context:
         return ack_metadata(self.reply)[1]
 
     def resource(self, name: str) -> Any:
-        """A shared per-worker object registered by the engine, e.g. a breaker or a state store."""
+        """A shared per-worker object registered by the engine (or by a test)."""
         try:
             return self.resources[name]
         except KeyError:
-            raise LookupError(f"no resource named {name!r} in service {self.service!r}") from None
+            raise LookupError(f"no resource named {name!r} in service {self.service!r}; "
+                              "declare it in the service's 'state' or 'breakers' list") from None
+
+    def state(self, bucket: str) -> StateStore:
+        """The key-value state store ``bucket`` (declared in the service's ``state`` list)."""
+        store: StateStore = self.resource(f"state:{bucket}")
+        return store
+
+    def breaker(self, name: str) -> Breaker:
+        """The circuit breaker ``name`` (declared in the service's ``breakers`` list)."""
+        breaker: Breaker = self.resource(f"breaker:{name}")
+        return breaker
 
 
 def ack_metadata(reply: str) -> tuple[int, int]:

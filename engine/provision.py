@@ -16,6 +16,7 @@ from nats.js.errors import NotFoundError
 
 from engine.config import Config, StreamConfig
 from engine.errors import BrokerError
+from engine.state import open_buckets
 
 log = structlog.get_logger("jetpool.provision")
 
@@ -54,6 +55,7 @@ async def provision(js: Any, config: Config, services: Iterable[str] | None = No
     """Ensure every stream and the consumers of ``services`` (default: all) exist as configured."""
     for stream in config.streams:
         await ensure_stream(js, stream)
+    await open_buckets(js, config.state, create=True)
     for service in services if services is not None else config.services:
         svc = config.services[service]
         try:

@@ -21,12 +21,14 @@ from typing import Any
 import structlog
 import uvloop
 
+from engine.breaker import build_breakers
 from engine.config import Config
 from engine.connection import connect
 from engine.consumer import Consumer
 from engine.dispatch import build_router
 from engine.logs import configure_logging
 from engine.publisher import Publisher
+from engine.state import open_buckets
 
 log = structlog.get_logger("jetpool.worker")
 
@@ -81,7 +83,8 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, heartbeat: Any) -> int:
                        disconnected_cb=disconnected)
     publisher = Publisher(nc, cfg.subject_prefix, cfg.nats.publish_timeout_s)
     await publisher.start()
-    consumer = Consumer(nc, cfg, service, router, publisher, worker=spec.index)
+    resources = await open_resources(nc, cfg, service)
+    consumer = Consumer(nc, cfg, service, router, publisher, worker=spec.index, resources=resources)
     await consumer.start()
     consumers.append(consumer)
     log.info("worker.started", cpu=spec.cpu)
@@ -95,6 +98,15 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, heartbeat: Any) -> int:
     await nc.close()
     log.info("worker.stopped")
     return 0
+
+
+async def open_resources(nc: Any, cfg: Config, service: str) -> dict[str, Any]:
+    """The per-worker objects the service's handlers reach through their context."""
+    svc = cfg.services[service]
+    buckets = {name: cfg.state[name] for name in svc.state}
+    stores = await open_buckets(nc.jetstream(), buckets, create=False)
+    breakers = build_breakers(dict(cfg.breakers), list(svc.breakers))
+    return {**{f"state:{n}": s for n, s in stores.items()}, **{f"breaker:{n}": b for n, b in breakers.items()}}
 
 
 async def _wait_for_stop(shutdown: Any, local_stop: asyncio.Event, nc: Any, heartbeat: Any) -> None:
