@@ -77,7 +77,7 @@ class Breaker:
             raise BreakerOpen(self.name, self.retry_in_s or self.reset_timeout_s) from None
 
 
-class _OpenedAt(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class _OpenedAt(pybreaker.CircuitBreakerListener):
     """Remembers when the breaker opened, on the monotonic clock, for ``retry_in_s``."""
 
     def __init__(self, breaker: Breaker) -> None:
