@@ -140,6 +140,7 @@ class ServiceConfig(_Frozen):
     state: list[Name] = Field(default_factory=list)
     breakers: list[Name] = Field(default_factory=list)
     retry: RetryConfig = RetryConfig()
+    settings: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("routes")
     @classmethod

@@ -232,7 +232,7 @@ class Consumer:
         """Decode, run the handler, publish its outputs; the last PubAck (or none) finishes it."""
         try:
             event = d.event = Event.decode(d.msg.data)
-            ctx = Context(self.service, self._worker, d.reply, d.msg.subject, self._resources)
+            ctx = Context(self.service, self._worker, d.reply, d.msg.subject, self._resources, self._svc.settings)
             outputs = await self._router.dispatch(event, ctx)
             d.handled = True
             if outputs:

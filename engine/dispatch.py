@@ -38,6 +38,7 @@ class Context:
         reply: the JetStream ack subject; delivery metadata is parsed from it on demand.
         subject: the subject the event was published on.
         resources: shared per-worker objects (breakers, stores) set up by the engine.
+        settings: the service's free-form ``settings`` mapping from the YAML.
     """
 
     service: str
@@ -45,6 +46,7 @@ class Context:
     reply: str
     subject: str
     resources: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def attempt(self) -> int:
