@@ -17,10 +17,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pybreaker
+import structlog
 
 from engine.errors import JetpoolError
 
 T = TypeVar("T")
+log = structlog.get_logger("jetpool.breaker")
 
 
 class BreakerOpen(JetpoolError):
@@ -84,8 +86,11 @@ class _OpenedAt(pybreaker.CircuitBreakerListener):
         self._breaker = breaker
 
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
-        if new_state is not None and new_state.name == pybreaker.STATE_OPEN:
+        name = new_state.name if new_state is not None else None
+        if name == pybreaker.STATE_OPEN:
             self._breaker._opened_at = time.monotonic()
+        log.warning(f"breaker.{str(name).replace('-', '_')}", breaker=self._breaker.name,
+                    previous=getattr(old_state, "name", None))
 
 
 def build_breakers(configs: dict[str, Any], names: list[str]) -> dict[str, Breaker]:

@@ -8,10 +8,13 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import orjson
 import structlog
 import uvloop
 
+from engine import deadletter
 from engine.config import Config, load_config
 from engine.connection import connect
 from engine.dispatch import build_router
@@ -40,7 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate the config and import every route's handler")
     check.add_argument("-c", "--config", required=True, help="YAML config file")
+    _dlq_parser(sub)
     return parser
+
+
+def _dlq_parser(sub: Any) -> None:
+    dlq = sub.add_parser("dlq", help="inspect, replay or purge the dead-letter stream")
+    actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="list entries, oldest first")
+    listing.add_argument("--service", help="only this service's entries")
+    listing.add_argument("--limit", type=int, default=50, help="at most N entries (default 50)")
+    show = actions.add_parser("show", help="show one entry with its body")
+    show.add_argument("id", type=int, help="entry id (its DLQ stream sequence)")
+    replay = actions.add_parser("replay", help="re-publish entries to their original subject and remove them")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=int, nargs="?", help="entry id")
+    which.add_argument("--service", help="every entry of this service")
+    which.add_argument("--all", action="store_true", help="every entry")
+    purge = actions.add_parser("purge", help="delete entries")
+    purge.add_argument("--service", help="only this service's entries")
+    for action in (listing, show, replay, purge):
+        _common(action)
+        action.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -105,6 +129,49 @@ async def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_dlq(args: argparse.Namespace) -> int:
+    async with broker(load(args)) as live:
+        nc = await connect(live.nats, name=f"{live.app}.dlq")
+        try:
+            return await dlq_action(args, live, nc.jetstream())
+        finally:
+            await nc.close()
+
+
+async def dlq_action(args: argparse.Namespace, cfg: Config, js: Any) -> int:
+    action = args.dlq_command
+    if action == "list":
+        entries = await deadletter.list_entries(js, cfg, args.service, args.limit)
+        _print([e.to_json() for e in entries] if args.json else [_line(e) for e in entries], args.json)
+    elif action == "show":
+        entry = await deadletter.get_entry(js, cfg, args.id)
+        _print(entry.to_json(), True)
+    elif action == "replay":
+        if args.id is not None:
+            entries = [await deadletter.get_entry(js, cfg, args.id)]
+        else:
+            entries = await deadletter.list_entries(js, cfg, args.service, limit=10**9)
+        count = await deadletter.replay(js, cfg, entries)
+        _print({"replayed": count} if args.json else [f"replayed {count} entries"], args.json)
+    else:
+        count = await deadletter.purge(js, cfg, args.service)
+        _print({"purged": count} if args.json else [f"purged {count} entries"], args.json)
+    return 0
+
+
+def _line(e: deadletter.Entry) -> str:
+    return (f"{e.id:>6}  {e.last_failure}  {e.service:<14} {e.route or '-':<18} attempts={e.attempts}  "
+            f"{e.error_type}: {e.error[:80]}")
+
+
+def _print(value: Any, as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+    else:
+        for line in value:
+            print(line)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     for service in cfg.services:
@@ -120,9 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args)
         cfg_level = "info" if not getattr(args, "log_level", None) else args.log_level
         configure_logging(cfg_level)
-        command = cmd_run if args.command == "run" else cmd_provision
-        return uvloop.run(command(args))
-    except JetpoolError as exc:
+        commands = {"run": cmd_run, "provision": cmd_provision, "dlq": cmd_dlq}
+        return uvloop.run(commands[args.command](args))
+    except (JetpoolError, LookupError) as exc:
         print(f"jetpool: error: {exc}", file=sys.stderr)
         return 2
 

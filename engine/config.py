@@ -118,6 +118,17 @@ class RetryConfig(_Frozen):
     delays_s: list[NonNegFloat] | None = None
 
 
+class DeadLetterConfig(_Frozen):
+    """Where events that cannot be processed go, with the reason (``jetpool dlq`` reads it)."""
+
+    stream: Name = "DLQ"
+    subject_prefix: str = "dlq"
+    storage: Literal["file", "memory"] = "file"
+    replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    max_age_s: NonNegFloat = 0.0
+    max_msg_size: PosInt = 8 * 1024 * 1024
+
+
 class ServiceConfig(_Frozen):
     """One service: a durable pull consumer on a stream and the routes its workers serve."""
 
@@ -141,6 +152,7 @@ class ServiceConfig(_Frozen):
     breakers: list[Name] = Field(default_factory=list)
     retry: RetryConfig = RetryConfig()
     settings: dict[str, Any] = Field(default_factory=dict)
+    max_event_bytes: PosInt = 1024 * 1024
 
     @field_validator("routes")
     @classmethod
@@ -198,6 +210,7 @@ class Config(_Frozen):
     services: dict[Name, ServiceConfig] = Field(min_length=1)
     state: dict[Name, BucketConfig] = Field(default_factory=dict)
     breakers: dict[Name, BreakerConfig] = Field(default_factory=dict)
+    dead_letter: DeadLetterConfig = DeadLetterConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     log: LogConfig = LogConfig()
     source: str = Field(default="<config>", exclude=True)

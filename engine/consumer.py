@@ -22,16 +22,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 import structlog
 
 from engine import eager
+from engine.breaker import Breaker, BreakerOpen
 from engine.config import Config
+from engine.deadletter import DeadLetters
 from engine.dispatch import Context, Router, ack_metadata
-from engine.errors import HandlerTimeout
+from engine.errors import HandlerTimeout, MalformedEvent
 from engine.events import Event
 from engine.outcome import Action, Outcome, RetryPolicy, decide
 from engine.publisher import Publisher
@@ -45,9 +47,6 @@ IN_PROGRESS = b"+WPI"
 _NS = 1_000_000_000
 _DRAIN_POLL_S = 0.02
 
-DeadLetterHook = Callable[[Any, Event | None, Outcome, int, str], Awaitable[None]]
-
-
 class _Delivery:
     """One delivered message from receipt to settlement; also the waiter of its outputs' PubAcks."""
 
@@ -57,6 +56,7 @@ class _Delivery:
         "event",
         "handled",
         "msg",
+        "parked",
         "progress_at",
         "reply",
         "settled",
@@ -79,6 +79,7 @@ class _Delivery:
         self.settled = False
         self.waiting = 0
         self.error: Exception | None = None
+        self.parked = False
 
     async def on_puback(self, error: Exception | None) -> None:
         if error is not None and self.error is None:
@@ -99,12 +100,12 @@ class Consumer:
         publisher: the worker's publisher, for handler outputs.
         worker: the worker's index, for logs and handler context.
         resources: per-worker objects handlers reach through ``ctx.resource(name)``.
-        dead_letter: called before a message is termed for good (the dead-letter stream writer).
+        dead_letters: the dead-letter writer; without one, dead-lettered messages are only termed.
     """
 
     def __init__(self, nc: Any, config: Config, service: str, router: Router, publisher: Publisher,
                  worker: int = 0, resources: Mapping[str, Any] | None = None,
-                 dead_letter: DeadLetterHook | None = None) -> None:
+                 dead_letters: DeadLetters | None = None) -> None:
         svc = config.services[service]
         self.service = service
         self._nc = nc
@@ -112,9 +113,12 @@ class Consumer:
         self._publisher = publisher
         self._worker = worker
         self._resources = resources or {}
-        self._dead_letter = dead_letter
+        self._dead_letters = dead_letters
         self._svc = svc
-        self._policy = RetryPolicy()
+        self._policy = RetryPolicy(svc.retry.base_s, svc.retry.max_s, tuple(svc.retry.delays_s or ()))
+        self._breakers: list[Breaker] = [r for k, r in self._resources.items() if k.startswith("breaker:")]
+        self._parked: list[_Delivery] = []
+        self._trial: _Delivery | None = None
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{svc.stream}.{config.durable(service)}"
         self._inbox: str = nc.new_inbox()
         self._window = svc.max_in_flight
@@ -217,7 +221,7 @@ class Consumer:
 
     async def _pull(self) -> None:
         """Ask for as many messages as fit the free part of the window, a batch per request."""
-        while not self._stopping and self._nc.is_connected:
+        while not self._stopping and self._nc.is_connected and not self._parked and self.breakers_closed:
             want = self._window - len(self._in_flight) - self._credit
             if want < self._threshold:
                 return
@@ -231,6 +235,9 @@ class Consumer:
     async def _handle(self, d: _Delivery) -> None:
         """Decode, run the handler, publish its outputs; the last PubAck (or none) finishes it."""
         try:
+            if len(d.msg.data) > self._svc.max_event_bytes:
+                raise MalformedEvent(f"payload of {len(d.msg.data)} bytes exceeds max_event_bytes "
+                                     f"({self._svc.max_event_bytes})")
             event = d.event = Event.decode(d.msg.data)
             ctx = Context(self.service, self._worker, d.reply, d.msg.subject, self._resources, self._svc.settings)
             outputs = await self._router.dispatch(event, ctx)
@@ -275,11 +282,16 @@ class Consumer:
     async def _fail(self, d: _Delivery, exc: BaseException) -> None:
         if d.settled:
             return
+        if isinstance(exc, BreakerOpen):
+            self._park(d)
+            return
         d.settled = True
         attempt = ack_metadata(d.reply)[0]
         outcome = decide(exc, attempt, self._svc.max_deliver, self._policy)
-        if outcome.dead_letter and self._dead_letter is not None:
-            await self._dead_letter(d.msg, d.event, outcome, attempt, self.service)
+        if outcome.dead_letter and not await self._write_dead_letter(d, outcome, attempt):
+            outcome = Outcome(Action.NAK, delay_s=self._policy.delay_s(attempt), reason=outcome.reason)
+        elif outcome.action is Action.NAK and self._dead_letters is not None:
+            await self._dead_letters.note_failure(d.reply, self.service)
         await self._nc.publish(d.reply, _settlement(outcome))
         self.counts[outcome.label] += 1
         event = d.event
@@ -288,8 +300,54 @@ class Consumer:
                     event_id=event.id if event else None, event_type=event.type if event else None)
         await self._forget(d)
 
+    async def _write_dead_letter(self, d: _Delivery, outcome: Outcome, attempt: int) -> bool:
+        """Store the entry before terming; if the DLQ cannot be written, keep the message (nak)."""
+        if self._dead_letters is None:
+            return True
+        try:
+            await self._dead_letters.write(d.msg, d.event, outcome, attempt, self.service)
+        except Exception as exc:
+            log.error("dlq.write_failed", service=self.service, error=repr(exc))
+            return False
+        return True
+
+    # ---- circuit breakers ------------------------------------------------------------------------
+
+    def _park(self, d: _Delivery) -> None:
+        """A breaker refused the call: keep the delivery (in progress) until the breaker recovers."""
+        d.parked = True
+        d.task = None
+        if d is self._trial:
+            self._trial = None
+        self._parked.append(d)
+        self.counts["parked"] += 1
+
+    @property
+    def breakers_closed(self) -> bool:
+        return all(b.state == "closed" for b in self._breakers)
+
+    def _resume_parked(self) -> None:
+        """Re-run parked deliveries: one trial while a breaker is half-open or due, all once closed."""
+        if not self._parked or self._trial is not None or any(b.is_open for b in self._breakers):
+            return
+        if self.breakers_closed:
+            batch, self._parked = self._parked, []
+        else:
+            self._trial = self._parked.pop(0)
+            batch = [self._trial]
+        now = self._loop.time()
+        for d in batch:
+            d.parked = d.handled = d.timed_out = False
+            d.started = now
+            finished, _, task = eager.start(self._handle(d))
+            if not finished:
+                d.task = task
+
     async def _forget(self, d: _Delivery) -> None:
         self._in_flight.pop(d.reply, None)
+        if d is self._trial:
+            self._trial = None
+            self._resume_parked()
         if not self._stopping and self._window - len(self._in_flight) - self._credit >= self._threshold:
             await self._pull()
 
@@ -313,6 +371,7 @@ class Consumer:
             self._credit = 0
             self._last_seen = now
         if not self._stopping:
+            self._resume_parked()
             await self._pull()
 
     async def _watch_handlers(self, now: float) -> None:
@@ -321,7 +380,7 @@ class Consumer:
         for d in list(self._in_flight.values()):
             if d.settled or d.timed_out:
                 continue
-            if not d.handled and d.task is not None and now - d.started > self._svc.handler_timeout_s:
+            if not d.handled and not d.parked and d.task is not None and now - d.started > self._svc.handler_timeout_s:
                 d.timed_out = True
                 d.task.cancel()
             elif now - d.progress_at > progress_every_s:

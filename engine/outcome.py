@@ -55,13 +55,21 @@ ACKED = Outcome(Action.ACK)
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter between ``base_s`` and ``max_s``."""
+    """Nak delays: an explicit list (the last entry repeats), or exponential backoff with jitter.
+
+    The jitter is "equal jitter" (a uniform draw in the upper half of the window): it spreads the
+    retries of many failing events so they do not hit a recovering dependency at once, yet never
+    retries sooner than half the nominal delay.
+    """
 
     base_s: float = 0.5
     max_s: float = 30.0
+    delays_s: tuple[float, ...] = ()
     jitter: bool = True
 
     def delay_s(self, attempt: int) -> float:
+        if self.delays_s:
+            return self.delays_s[min(attempt, len(self.delays_s)) - 1]
         ceiling = min(self.max_s, self.base_s * 2 ** max(0, attempt - 1))
         return random.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
 
@@ -78,6 +86,8 @@ def decide(exc: BaseException | None, attempt: int, max_deliver: int, policy: Re
     if exc is None:
         return ACKED
     if isinstance(exc, Retry):
+        if attempt >= max_deliver:
+            return Outcome(Action.TERM, reason=f"retries exhausted: {exc.reason}", dead_letter=True)
         return Outcome(Action.NAK, delay_s=exc.delay_s, reason=exc.reason)
     if isinstance(exc, Reject | MalformedEvent | NoRoute):
         return Outcome(Action.TERM, reason=describe(exc), dead_letter=True)

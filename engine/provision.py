@@ -15,6 +15,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from engine.config import Config, StreamConfig
+from engine.deadletter import dlq_stream_config
 from engine.errors import BrokerError
 from engine.state import open_buckets
 
@@ -55,6 +56,7 @@ async def provision(js: Any, config: Config, services: Iterable[str] | None = No
     """Ensure every stream and the consumers of ``services`` (default: all) exist as configured."""
     for stream in config.streams:
         await ensure_stream(js, stream)
+    await _ensure(js, dlq_stream_config(config))
     await open_buckets(js, config.state, create=True)
     for service in services if services is not None else config.services:
         svc = config.services[service]
@@ -66,14 +68,17 @@ async def provision(js: Any, config: Config, services: Iterable[str] | None = No
 
 
 async def ensure_stream(js: Any, cfg: StreamConfig) -> None:
-    wanted = stream_config(cfg)
+    await _ensure(js, stream_config(cfg))
+
+
+async def _ensure(js: Any, wanted: api.StreamConfig) -> None:
     try:
-        await js.stream_info(cfg.name)
+        await js.stream_info(wanted.name)
     except NotFoundError:
         await js.add_stream(wanted)
-        log.info("stream.created", stream=cfg.name, subjects=cfg.subjects)
+        log.info("stream.created", stream=wanted.name, subjects=wanted.subjects)
         return
     try:
         await js.update_stream(wanted)
     except Exception as exc:
-        raise BrokerError(f"cannot update stream {cfg.name!r}: {exc}") from exc
+        raise BrokerError(f"cannot update stream {wanted.name!r}: {exc}") from exc

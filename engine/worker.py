@@ -25,6 +25,7 @@ from engine.breaker import build_breakers
 from engine.config import Config
 from engine.connection import connect
 from engine.consumer import Consumer
+from engine.deadletter import DeadLetters, watch_advisories
 from engine.dispatch import build_router
 from engine.logs import configure_logging
 from engine.publisher import Publisher
@@ -84,7 +85,10 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, heartbeat: Any) -> int:
     publisher = Publisher(nc, cfg.subject_prefix, cfg.nats.publish_timeout_s)
     await publisher.start()
     resources = await open_resources(nc, cfg, service)
-    consumer = Consumer(nc, cfg, service, router, publisher, worker=spec.index, resources=resources)
+    dead_letters = await DeadLetters.open(cfg, publisher, nc.jetstream())
+    await watch_advisories(nc, cfg, service, dead_letters)
+    consumer = Consumer(nc, cfg, service, router, publisher, worker=spec.index, resources=resources,
+                        dead_letters=dead_letters)
     await consumer.start()
     consumers.append(consumer)
     log.info("worker.started", cpu=spec.cpu)

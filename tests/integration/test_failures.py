@@ -1,0 +1,243 @@
+"""Failure semantics on a real nats-server: retries, dead letters, bad input, timeouts, breakers.
+
+Every test counts: attempts (from the engine's JSON log and the consumer's delivery counters),
+dead-letter entries (read back from the DLQ stream) and outputs (Pongs by id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import yaml
+
+from engine.config import load_config
+from engine.deadletter import Entry, list_entries
+from tests.support import (
+    App,
+    Engine,
+    consumer_info,
+    count,
+    expected_pong_ids,
+    pings,
+    publish,
+    publish_raw,
+    read,
+    run_cli,
+    settled,
+    wait_for,
+)
+
+StartEngine = Callable[..., Engine]
+FAILING = "tests.failure_handlers"
+
+
+def with_dlq(app: App, **top: Any) -> App:
+    """Give the test its own dead-letter stream (and any other top-level keys)."""
+    raw = dict(app.raw)
+    raw["dead_letter"] = {"stream": f"DLQ{app.stream}", "subject_prefix": f"dlq{app.prefix}"}
+    raw.update(top)
+    app.path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dataclasses.replace(app, raw=raw)
+
+
+def dlq(app: App, service: str | None = None) -> list[Entry]:
+    async def work() -> list[Entry]:
+        nc = await nats.connect(app.url)
+        try:
+            return await list_entries(nc.jetstream(), load_config(app.path), service, limit=10_000)
+        finally:
+            await nc.close()
+
+    return asyncio.run(work())
+
+
+def failures_of(run: Engine, event_id: str) -> list[dict[str, Any]]:
+    return [r for r in run.records("event.failed") if r.get("event_id") == event_id]
+
+
+def test_poison_event_gets_max_deliver_attempts_then_one_dlq_entry(make_config: Callable[..., App],
+                                                                    engine: StartEngine) -> None:
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}, "max_deliver": 4,
+                                         "retry": {"delays_s": [0.1]}}}))
+    run = engine(app)
+    poison = pings(1, poison=True)[0]
+    good = pings(50)
+    acks = publish(app, [*good[:25], poison, *good[25:]])
+
+    wait_for(lambda: len(dlq(app)) >= 1, 60, "the DLQ entry", detail=run.tail)
+    wait_for(lambda: settled(app, "echo"), 60, "the consumer to settle", detail=run.tail)
+
+    entries = dlq(app)
+    assert len(entries) == 1
+    entry = entries[0]
+    assert (entry.service, entry.route, entry.error_type, entry.attempts) == ("echo", "Ping", "RuntimeError", 4)
+    assert entry.error == f"poison event {poison.id}"
+    assert entry.subject == app.subject("Ping") and entry.stream == app.stream
+    assert entry.stream_seq == acks[25]["seq"]
+    assert entry.body == poison.encode()
+    assert entry.first_failure <= entry.last_failure
+    outcomes = [(r["attempt"], r["outcome"]) for r in failures_of(run, poison.id)]
+    assert outcomes == [(1, "retry"), (2, "retry"), (3, "retry"), (4, "dead_letter")]
+    assert {p.id for p in read(app, "Pong")} == expected_pong_ids(good)
+
+
+def test_bad_input_is_dead_lettered_on_first_delivery_and_traffic_flows(make_config: Callable[..., App],
+                                                                         engine: StartEngine) -> None:
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"},
+                                         "max_event_bytes": 2048}}))
+    run = engine(app)
+    pid_before = run.worker_pids()
+    subject = app.subject("Ping")
+    good = pings(40)
+    publish(app, good[:20])
+    publish_raw(app, subject, b"\x00\x01 not json")
+    publish_raw(app, subject, b'["a", "list"]')
+    publish_raw(app, subject, b'{"id": "m1", "type": "Ping"}')
+    publish_raw(app, subject, b'{"id": "m2", "type": "Ping", "data": "not an object"}')
+    publish_raw(app, subject, b'{"id": "m3", "type": "Nope", "data": {}}')
+    publish_raw(app, subject, b'{"id": "m4", "type": "Ping", "data": {"pad": "' + b"x" * 4000 + b'"}}')
+    publish(app, [pings(1, reject=True)[0], *good[20:]])
+
+    wait_for(lambda: len(dlq(app)) >= 7, 60, "7 DLQ entries", detail=run.tail)
+    wait_for(lambda: settled(app, "echo"), 60, "the consumer to settle", detail=run.tail)
+    entries = dlq(app)
+    assert len(entries) == 7
+    assert all(e.attempts == 1 for e in entries)
+    reasons = [f"{e.error_type}: {e.error}" for e in entries]
+    assert reasons[0].startswith("MalformedEvent: body is not JSON")
+    assert reasons[1] == "MalformedEvent: body must be a JSON object, got list"
+    assert reasons[2] == "MalformedEvent: field 'data' is missing"
+    assert reasons[3] == "MalformedEvent: field 'data' must be an object, got str"
+    assert reasons[4] == "NoRoute: no route for event type 'Nope' in service 'echo'"
+    assert reasons[5].startswith("MalformedEvent: payload of ") and "exceeds max_event_bytes (2048)" in reasons[5]
+    assert reasons[6] == "Reject: card number is not valid"
+    assert {p.id for p in read(app, "Pong")} == expected_pong_ids(good)
+    assert run.worker_pids() == pid_before  # no worker crashed
+    assert consumer_info(app, "echo").num_redelivered == 0
+
+
+def test_retry_naks_with_delay_then_succeeds(make_config: Callable[..., App], engine: StartEngine) -> None:
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}}}))
+    run = engine(app)
+    sent = pings(10, retry_once=True)
+    publish(app, sent)
+    wait_for(lambda: count(app, "Pong") >= 10, 60, "10 Pongs", detail=run.tail)
+    wait_for(lambda: settled(app, "echo"), 60, "the consumer to settle", detail=run.tail)
+    assert {p.id for p in read(app, "Pong")} == expected_pong_ids(sent)
+    assert [r["delay_s"] for r in run.records("event.failed")] == [0.2] * 10
+    assert dlq(app) == []
+
+
+def test_hanging_handler_is_cancelled_at_its_timeout_and_worker_keeps_consuming(
+        make_config: Callable[..., App], engine: StartEngine) -> None:
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}, "handler_timeout_s": 1,
+                                         "max_deliver": 2, "retry": {"delays_s": [0.1]}}}))
+    run = engine(app)
+    hung = pings(1, hang=True)[0]
+    publish(app, [hung])
+    good = pings(30)
+    publish(app, good)
+    wait_for(lambda: count(app, "Pong") >= 30, 60, "30 Pongs while one handler hangs", detail=run.tail)
+    wait_for(lambda: len(dlq(app)) == 1, 60, "the hung event in the DLQ", detail=run.tail)
+    entry = dlq(app)[0]
+    assert (entry.error_type, entry.attempts) == ("HandlerTimeout", 2)
+    assert [r["outcome"] for r in failures_of(run, hung.id)] == ["retry", "dead_letter"]
+
+
+def test_slow_handler_past_ack_wait_is_not_redelivered(make_config: Callable[..., App], engine: StartEngine) -> None:
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}, "ack_wait_s": 1.5,
+                                         "handler_timeout_s": 20}}))
+    run = engine(app)
+    sent = pings(3, sleep_s=5)
+    publish(app, sent)
+    wait_for(lambda: count(app, "Pong") >= 3, 60, "3 slow Pongs", detail=run.tail)
+    wait_for(lambda: settled(app, "echo"), 30, "the consumer to settle", detail=run.tail)
+    info = consumer_info(app, "echo")
+    assert info.delivered.consumer_seq == 3 and info.num_redelivered == 0  # in-progress acks held them
+    assert len(read(app, "Pong")) == 3
+
+
+def test_open_breaker_parks_events_instead_of_dead_lettering_them(make_config: Callable[..., App],
+                                                                  engine: StartEngine, tmp_path: Path) -> None:
+    control = tmp_path / "outage"
+    control.touch()  # the dependency starts down
+    app = with_dlq(
+        make_config({"echo": {"routes": {"Ping": f"{FAILING}:through_breaker"}, "max_deliver": 3,
+                              "breakers": ["dependency"], "settings": {"control_file": str(control)},
+                              "retry": {"delays_s": [0.2]}, "max_in_flight": 64, "batch": 16}}),
+        breakers={"dependency": {"fail_max": 3, "reset_timeout_s": 1.0}})
+    run = engine(app)
+    sent = pings(300)
+    publish(app, sent)
+    wait_for(lambda: any(r.get("event") == "breaker.opened" for r in run.records()) or
+             len(run.records("event.failed")) >= 2, 30, "the breaker to trip", detail=run.tail)
+    # Down for a while: nothing may be dead-lettered, nothing may be acked.
+    wait_for(lambda: consumer_info(app, "echo").num_pending > 0, 10, "events waiting in the stream")
+    asyncio.run(asyncio.sleep(4))
+    assert dlq(app) == []
+    assert count(app, "Pong") == 0
+    control.unlink()  # the dependency recovers
+    wait_for(lambda: count(app, "Pong") >= 300, 90, "all 300 Pongs after recovery", detail=run.tail)
+    wait_for(lambda: settled(app, "echo"), 60, "the consumer to settle", detail=run.tail)
+    assert dlq(app) == []
+    assert {p.id for p in read(app, "Pong")} == expected_pong_ids(sent)
+    # Only the calls that tripped the breaker burned a delivery attempt.
+    assert consumer_info(app, "echo").num_redelivered <= 5
+
+
+def test_worker_killed_on_every_attempt_is_caught_by_the_max_deliveries_advisory(
+        make_config: Callable[..., App], engine: StartEngine) -> None:
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}, "max_deliver": 2,
+                                         "ack_wait_s": 1.5}}),
+                   supervisor={"restart_backoff_s": 0.1, "restart_backoff_max_s": 0.5, "max_restarts": 20})
+    run = engine(app)
+    killer = pings(1, kill=True)[0]
+    publish(app, [killer])
+    wait_for(lambda: len(dlq(app)) == 1, 60, "the advisory's DLQ entry", detail=run.tail)
+    entry = dlq(app)[0]
+    assert entry.error_type == "MaxDeliveriesExceeded"
+    assert entry.attempts == 2 and entry.route == "Ping" and entry.body == killer.encode()
+    good = pings(5)
+    publish(app, good)
+    wait_for(lambda: count(app, "Pong") >= 5, 60, "traffic after the crashes", detail=run.tail)
+
+
+def test_dlq_cli_lists_shows_replays_and_purges(make_config: Callable[..., App], engine: StartEngine,
+                                                tmp_path: Path) -> None:
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}}}))
+    run = engine(app)
+    rejected = pings(3, reject=True)
+    publish(app, rejected)
+    wait_for(lambda: len(dlq(app)) == 3, 60, "3 DLQ entries", detail=run.tail)
+    cfg = ["-c", str(app.path)]
+
+    listed = run_cli(["dlq", "list", *cfg])
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count("Reject: card number is not valid") == 3
+    as_json = run_cli(["dlq", "list", "--json", "--service", "echo", *cfg])
+    ids = [e["id"] for e in json.loads(as_json.stdout)]
+    assert len(ids) == 3
+    shown = json.loads(run_cli(["dlq", "show", str(ids[0]), *cfg]).stdout)
+    assert shown["body"]["id"] == rejected[0].id and shown["error_type"] == "Reject"
+    missing = run_cli(["dlq", "show", "999999", *cfg])
+    assert missing.returncode == 2 and "no dead-letter entry 999999" in missing.stderr
+
+    # Replay one entry twice: the second run finds nothing to replay and stores nothing twice.
+    stored_before = count(app, "Ping")
+    assert run_cli(["dlq", "replay", str(ids[0]), *cfg]).returncode == 0
+    assert count(app, "Ping") == stored_before + 1
+    again = run_cli(["dlq", "replay", str(ids[0]), *cfg])
+    assert again.returncode == 2 and count(app, "Ping") == stored_before + 1
+    wait_for(lambda: len(dlq(app)) == 3, 60, "the replayed reject to be dead-lettered again")
+
+    purged = run_cli(["dlq", "purge", "--json", *cfg])
+    assert json.loads(purged.stdout) == {"purged": 3}
+    assert dlq(app) == []
+    assert os.path.exists(app.path)
