@@ -1,0 +1,531 @@
+"""The Helm chart (helm/jetpool), tested offline: lint, render, the objects it renders, the values it refuses.
+
+Helm runs in-process (helm-python-sdk: Helm v4's own Go SDK behind a C ABI, no helm binary, no cluster);
+the Kubernetes JSON schemas come with kubernetes-validate and are checked in strict mode, so an unknown or
+misplaced field fails. The two custom resources (ServiceMonitor, ScaledObject) are checked against the
+strict schemas in crd_schemas.py. Every rendered Deployment's config file plus environment is also fed to
+the engine's own config loader, so the chart cannot produce a config the engine would refuse at start-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from engine.config import apply_env_overrides, parse_config
+from tests.helm.crd_schemas import CRD_SCHEMAS
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART_DIR = ROOT / "helm" / "jetpool"
+RELEASE, NAMESPACE = "shop", "shop"
+# The oldest version the chart supports (Chart.yaml kubeVersion) and the newest kubernetes-validate ships.
+KUBE_VERSIONS = ("1.30.0", "1.37.0")
+DEFAULT_REPLICAS = {"orders": 2, "payments": 2, "inventory": 2, "notifications": 1, "audit": 1}
+ENGINE_DRAIN_DEFAULT_S = 20.0  # engine.config.ServiceConfig.drain_timeout_s
+SUPERVISOR_KILL_AFTER_S = 5  # the supervisor kills leftovers this long after drain_timeout_s
+
+# Every optional feature on at once, so every template branch renders.
+ALL_FEATURES: dict[str, Any] = {
+    "logLevel": "debug",
+    "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "nats": {
+        "url": "tls://nats-0.nats:4222, tls://nats-1.nats:4222",
+        "auth": {"existingSecret": "nats-creds", "userKey": "user", "passwordKey": "password"},
+        "tls": {"existingSecret": "nats-client-tls"},
+    },
+    "env": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel-collector:4317"}],
+    "serviceDefaults": {"config": {"drain_timeout_s": 30}},
+    "services": {
+        "payments": {
+            "workers": 4,
+            "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8,
+                            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
+                                "scaleDown": {"stabilizationWindowSeconds": 300}}}}},
+            "natsAuth": {"existingSecret": "payments-creds", "credsKey": "payments.creds"},
+            "config": {"drain_timeout_s": 45.5, "max_in_flight": 512, "durable": "payments-v2"},
+        },
+        "orders": {"podDisruptionBudget": {"minAvailable": "50%"}, "strategy": {"type": "Recreate"},
+                   "envFrom": [{"configMapRef": {"name": "orders-extra"}}]},
+        "audit": {"podDisruptionBudget": {"enabled": False}},
+    },
+}
+
+
+# --- rendering -----------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys, which the API server's strict decoding rejects too."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
+    duplicates = {k for k in keys if keys.count(k) > 1}
+    if duplicates:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {sorted(duplicates)}", node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class Rendered:
+    """The objects of one render, looked up by kind, name and jetpool service."""
+
+    def __init__(self, manifests: dict[str, str]) -> None:
+        self.notes = next((text for path, text in manifests.items() if path.endswith("NOTES.txt")), "")
+        self.objects: list[dict[str, Any]] = [
+            doc
+            for path, text in sorted(manifests.items()) if path.endswith(".yaml")
+            for doc in yaml.load_all(text, Loader=_StrictLoader) if doc
+        ]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def by_service(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in self.of(kind)}
+
+    def deployment(self, service: str) -> dict[str, Any]:
+        return self.by_service("Deployment")[service]
+
+    def config(self) -> dict[str, Any]:
+        (cm,) = [o for o in self.of("ConfigMap") if "config.yaml" in o["data"]]
+        return yaml.safe_load(cm["data"]["config.yaml"])
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(deployment: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in _container(deployment)["env"]}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def render(chart: helm.Chart) -> Any:
+    """render(values=None, *sets) -> Rendered; each set is a `helm --set` expression parsed by Helm."""
+
+    def _render(values: dict[str, Any] | None = None, *sets: str) -> Rendered:
+        merged = dict(values or {})
+        for expression in sets:
+            merged = _merge(merged, helm.parse_set_string(expression))
+        return Rendered(chart.render(merged, name=RELEASE, namespace=NAMESPACE, is_install=True))
+
+    return _render
+
+
+@pytest.fixture(scope="module")
+def default(render: Any) -> Rendered:
+    return render()
+
+
+# --- lint ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values", [None, ALL_FEATURES], ids=["defaults", "all-features"])
+def test_lint_is_clean_in_strict_mode(values: dict[str, Any] | None, kube_version: str) -> None:
+    report = helm.lint(CHART_DIR, values, strict=True, kube_version=f"v{kube_version}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 = warning, 3 = error
+    assert report["errors"] == [] and problems == [], problems
+
+
+# --- replicas, workers and the per-service overrides ----------------------------------------------------
+
+
+def test_one_deployment_per_service_with_its_own_replica_count(default: Rendered) -> None:
+    deployments = default.by_service("Deployment")
+    assert {name: d["spec"]["replicas"] for name, d in deployments.items()} == DEFAULT_REPLICAS
+    for name, deployment in deployments.items():
+        assert deployment["metadata"]["name"] == f"{RELEASE}-jetpool-{name}"
+        assert _env(deployment)[f"JETPOOL__SERVICES__{name.upper()}__REPLICAS"] == str(DEFAULT_REPLICAS[name])
+
+
+def test_set_override_scales_one_service_and_leaves_the_others_untouched(default: Rendered, render: Any) -> None:
+    scaled = render(None, "services.payments.replicas=5", "services.payments.workers=3")
+
+    payments = scaled.deployment("payments")
+    assert payments["spec"]["replicas"] == 5
+    env = _env(payments)
+    assert env["JETPOOL__SERVICES__PAYMENTS__REPLICAS"] == "5"
+    assert env["JETPOOL__SERVICES__PAYMENTS__WORKERS"] == "3"
+    # Replicas and workers travel in the service's own environment, not the shared config file, so the
+    # other services' pod templates (and their config checksum) do not change: no restart elsewhere.
+    for name in set(DEFAULT_REPLICAS) - {"payments"}:
+        assert scaled.deployment(name) == default.deployment(name), name
+    assert scaled.config() == default.config()
+
+
+def test_a_disabled_service_renders_nothing(render: Any) -> None:
+    rendered = render(None, "services.audit.enabled=false")
+    for kind in ("Deployment", "Service", "PodDisruptionBudget"):
+        assert set(rendered.by_service(kind)) == set(DEFAULT_REPLICAS) - {"audit"}, kind
+
+
+def test_service_defaults_apply_to_every_service_unless_overridden(render: Any) -> None:
+    rendered = render(None, "serviceDefaults.workers=3", "serviceDefaults.resources.limits.cpu=2",
+                      "serviceDefaults.podAnnotations.team=shop", "services.audit.podAnnotations.team=audit")
+    annotations = {name: d["spec"]["template"]["metadata"]["annotations"]["team"]
+                   for name, d in rendered.by_service("Deployment").items()}
+    assert annotations == {**dict.fromkeys(DEFAULT_REPLICAS, "shop"), "audit": "audit"}
+    limits = _container(rendered.deployment("orders"))["resources"]["limits"]
+    assert limits == {"cpu": 2, "memory": "512Mi"}
+    # values.yaml gives each service its own workers, which win over the default.
+    assert _env(rendered.deployment("payments"))["JETPOOL__SERVICES__PAYMENTS__WORKERS"] == "2"
+    shipping = render(None, "serviceDefaults.workers=3", "services.shipping.replicas=1",
+                      "config.services.shipping.stream=SHOP", "config.services.shipping.routes.OrderConfirmed=a:b")
+    assert _env(shipping.deployment("shipping"))["JETPOOL__SERVICES__SHIPPING__WORKERS"] == "3"
+
+
+def test_each_pod_runs_its_one_service_with_the_mounted_config(default: Rendered) -> None:
+    for name, deployment in default.by_service("Deployment").items():
+        container = _container(deployment)
+        assert [*container["command"], *container["args"]] == [
+            "jetpool", "run", "-c", "/etc/jetpool/config.yaml", "--service", name, "--http-port", "8080"]
+        assert container["image"] == "jetpool:0.1.0"
+        assert _env(deployment)["JETPOOL_NATS_URL"] == "nats://nats.nats.svc.cluster.local:4222"
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts["/etc/jetpool/config.yaml"]["readOnly"] is True
+
+
+# --- probes and shutdown -------------------------------------------------------------------------------
+
+
+def test_probes_ask_health_and_ready_on_port_8080(default: Rendered) -> None:
+    for deployment in default.of("Deployment"):
+        container = _container(deployment)
+        assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+        for probe, path in (("livenessProbe", "/health"), ("startupProbe", "/health"), ("readinessProbe", "/ready")):
+            assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+
+
+@pytest.mark.parametrize(("values", "sets", "service", "drain_s"), [
+    (None, (), "payments", ENGINE_DRAIN_DEFAULT_S),
+    (None, ("services.payments.config.drain_timeout_s=62",), "payments", 62.0),
+    (ALL_FEATURES, (), "payments", 45.5),  # a fraction rounds up
+    (None, ("config.services.orders.drain_timeout_s=90",), "orders", 90.0),
+    (None, ("serviceDefaults.config.drain_timeout_s=40", "services.audit.config.drain_timeout_s=3"), "audit", 3.0),
+    (None, ("serviceDefaults.config.drain_timeout_s=40",), "inventory", 40.0),
+])
+def test_grace_period_outlasts_the_drain_and_the_supervisors_kill(
+        render: Any, values: dict[str, Any] | None, sets: tuple[str, ...], service: str, drain_s: float) -> None:
+    rendered = render(values, *sets)
+    grace = rendered.deployment(service)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert rendered.config()["services"][service].get("drain_timeout_s", ENGINE_DRAIN_DEFAULT_S) == drain_s
+    assert grace > drain_s + SUPERVISOR_KILL_AFTER_S
+    assert grace == math.ceil(drain_s) + SUPERVISOR_KILL_AFTER_S + 10  # shutdownMarginSeconds
+
+
+# --- security ------------------------------------------------------------------------------------------
+
+
+def test_pods_run_non_root_read_only_without_capabilities(default: Rendered) -> None:
+    for deployment in default.of("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 10001
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        context = _container(deployment)["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        # A read-only root needs a writable /tmp.
+        tmp = next(m for m in _container(deployment)["volumeMounts"] if m["mountPath"] == "/tmp")
+        volume = next(v for v in pod["volumes"] if v["name"] == tmp["name"])
+        assert "emptyDir" in volume
+
+
+def test_service_account_is_created_and_used_without_an_api_token(default: Rendered) -> None:
+    (account,) = default.of("ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+    for deployment in default.of("Deployment"):
+        assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_credentials_come_from_an_existing_secret_as_files(render: Any) -> None:
+    rendered = render(ALL_FEATURES)
+    assert rendered.of("Secret") == []
+    orders = rendered.deployment("orders")
+    env = _env(orders)
+    assert env["JETPOOL_NATS_URL"] == ALL_FEATURES["nats"]["url"]
+    assert env["JETPOOL_NATS_USER"] == {"secretKeyRef": {"name": "nats-creds", "key": "user"}}
+    assert env["JETPOOL_NATS_PASSWORD_FILE"] == "/etc/jetpool/nats/password"
+    assert "JETPOOL_NATS_PASSWORD" not in env
+    assert (env["JETPOOL_NATS_TLS_CA"], env["JETPOOL_NATS_TLS_CERT"], env["JETPOOL_NATS_TLS_KEY"]) == (
+        "/etc/jetpool/tls/ca.crt", "/etc/jetpool/tls/tls.crt", "/etc/jetpool/tls/tls.key")
+    volumes = {v["name"]: v for v in orders["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["nats-auth"]["secret"]["secretName"] == "nats-creds"
+    assert volumes["nats-auth"]["secret"]["items"] == [{"key": "password", "path": "password"}]
+    assert volumes["nats-tls"]["secret"]["secretName"] == "nats-client-tls"
+    # A service with its own credentials (least privilege) uses them instead of the shared ones.
+    payments = rendered.deployment("payments")
+    env = _env(payments)
+    assert env["JETPOOL_NATS_CREDS"] == "/etc/jetpool/nats/nats.creds"
+    assert "JETPOOL_NATS_USER" not in env
+    volumes = {v["name"]: v for v in payments["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["nats-auth"]["secret"] == {"secretName": "payments-creds", "defaultMode": 0o440,
+                                             "items": [{"key": "payments.creds", "path": "nats.creds"}]}
+
+
+def test_inline_credentials_are_stored_in_a_secret_of_the_chart(render: Any) -> None:
+    rendered = render(None, "nats.auth.token=s3cret")
+    (secret,) = rendered.of("Secret")
+    assert set(secret["data"]) == {"token"}
+    deployment = rendered.deployment("orders")
+    assert _env(deployment)["JETPOOL_NATS_TOKEN_FILE"] == "/etc/jetpool/nats/token"
+    assert "s3cret" not in json.dumps(deployment)
+
+
+# --- disruption budgets, monitoring, autoscaling --------------------------------------------------------
+
+
+def test_every_service_has_a_disruption_budget_over_its_own_pods(default: Rendered, render: Any) -> None:
+    budgets = default.by_service("PodDisruptionBudget")
+    deployments = default.by_service("Deployment")
+    assert set(budgets) == set(deployments)
+    for name, budget in budgets.items():
+        selector = budget["spec"]["selector"]["matchLabels"]
+        assert selector == deployments[name]["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= deployments[name]["spec"]["template"]["metadata"]["labels"].items()
+        assert budget["spec"]["maxUnavailable"] == 1
+    custom = render(ALL_FEATURES).by_service("PodDisruptionBudget")
+    assert custom["orders"]["spec"] == {**custom["orders"]["spec"], "minAvailable": "50%"}
+    assert "maxUnavailable" not in custom["orders"]["spec"]
+    assert "audit" not in custom
+
+
+def test_service_monitor_only_when_enabled_and_it_scrapes_every_service(default: Rendered, render: Any) -> None:
+    assert default.of("ServiceMonitor") == []
+    rendered = render(None, "serviceMonitor.enabled=true")
+    (monitor,) = rendered.of("ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    selected = [s for s in rendered.of("Service")
+                if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert {s["metadata"]["labels"]["app.kubernetes.io/component"] for s in selected} == set(DEFAULT_REPLICAS)
+    for service in selected:
+        assert {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"} in service["spec"]["ports"]
+
+
+def test_keda_scales_on_the_consumers_lag_when_enabled(default: Rendered, render: Any) -> None:
+    assert default.of("ScaledObject") == []
+    rendered = render(ALL_FEATURES)
+    scaled = rendered.by_service("ScaledObject")
+    assert set(scaled) == {"payments"}
+    spec = scaled["payments"]["spec"]
+    payments = rendered.deployment("payments")
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                      "name": payments["metadata"]["name"]}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 8)
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "nats-jetstream"
+    assert trigger["metadata"] == {
+        "natsServerMonitoringEndpoint": "nats-headless.nats.svc.cluster.local:8222",
+        "account": "$G",
+        "stream": "SHOP",
+        "consumer": "payments-v2",  # the durable set in the service's config
+        "lagThreshold": "1000",
+        "activationLagThreshold": "0",
+        "useHttps": "false",
+    }
+    # KEDA owns the replica count; the engine sizes max_ack_pending for the most pods KEDA may run.
+    assert "replicas" not in payments["spec"]
+    assert _env(payments)["JETPOOL__SERVICES__PAYMENTS__REPLICAS"] == "8"
+
+
+# --- the config the engine reads -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, ALL_FEATURES], ids=["defaults", "all-features"])
+def test_the_engine_accepts_the_config_each_pod_gets(render: Any, values: dict[str, Any] | None) -> None:
+    rendered = render(values, "services.order-history.workers=2",
+                      "config.services.order-history.stream=SHOP",
+                      "config.services.order-history.routes.OrderConfirmed=handlers.orders:history")
+    for name, deployment in rendered.by_service("Deployment").items():
+        env = {k: v for k, v in _env(deployment).items() if isinstance(v, str)}
+        raw = rendered.config()
+        apply_env_overrides(raw, env)
+        config = parse_config(raw, source=f"{name} pod")
+        service = config.services[name]
+        assert service.workers == int(env[f"JETPOOL__SERVICES__{name.upper()}__WORKERS"])
+        assert service.replicas == int(env[f"JETPOOL__SERVICES__{name.upper()}__REPLICAS"])
+        assert config.nats.url == env["JETPOOL_NATS_URL"]
+    assert rendered.config()["services"]["payments"].get("max_in_flight") == (512 if values else None)
+
+
+# --- values the chart refuses --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sets", "complaint"), [
+    (("services.payments.replicas=two",), "/services/payments/replicas"),
+    (("services.payments.replicas=0",), "/services/payments/replicas"),
+    (("services.payments.workers=-1",), "/services/payments/workers"),
+    (("services.payments.replica=5",), "replica"),
+    (("services.Payments_v2.replicas=1",), "Payments_v2"),
+    (("serviceDefaults.autoscaling.lagThreshold=0",), "/serviceDefaults/autoscaling/lagThreshold"),
+    (("services.payments.podDisruptionBudget.maxUnavailable=ten",), "maxUnavailable"),
+    (("services.payments.config.drain_timeout_s=0",), "drain_timeout_s"),
+    (("nats.url=http://nats:4222",), "/nats/url"),
+    (("image.pullPolicy=Sometimes",), "/image/pullPolicy"),
+    (("logLevel=loud",), "/logLevel"),
+    (("httpPort=80",), "/httpPort"),
+    (("replicaCount=3",), "replicaCount"),
+])
+def test_the_schema_rejects_bad_values(chart: helm.Chart, render: Any, sets: tuple[str, ...], complaint: str) -> None:
+    values: dict[str, Any] = {}
+    for expression in sets:
+        values = _merge(values, helm.parse_set_string(expression))
+    with pytest.raises(helm.HelmValuesError, match=re.escape(complaint)):
+        chart.validate_schema(values)
+    with pytest.raises(helm.HelmValuesError, match=re.escape(complaint)):
+        render(values)
+    report = helm.lint(CHART_DIR, values, strict=True)
+    assert any(complaint in error for error in report["errors"]), report
+
+
+@pytest.mark.parametrize(("values", "complaint"), [
+    ({"services": {"shipping": {"replicas": 1}}}, "services.shipping: config.services.shipping needs"),
+    ({"services": {"payments": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}},
+     "maxReplicas (2) is below minReplicas (5)"),
+    ({"nats": {"auth": {"existingSecret": "creds", "userKey": "user", "password": "inline"}}},
+     "either existingSecret or inline credentials"),
+])
+def test_the_templates_refuse_inconsistent_values(render: Any, values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(complaint)):
+        render(values)
+
+
+def test_the_schema_itself_is_valid_draft_7_and_accepts_the_defaults(chart: helm.Chart) -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(yaml.safe_load((CHART_DIR / "values.yaml").read_text()))
+    chart.validate_schema(ALL_FEATURES)
+
+
+# --- every object against the Kubernetes schemas --------------------------------------------------------
+
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def _validate(obj: dict[str, Any], kube_version: str) -> None:
+    crd = CRD_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
+    if crd is not None:
+        jsonschema.Draft7Validator(crd).validate(obj)
+    else:
+        # SchemaNotFoundError (an unknown kind/apiVersion) propagates and fails the test.
+        kubernetes_validate.validate(obj, kube_version, strict=True)
+    # What the JSON schemas leave to the API server: name formats and label values.
+    name = obj["metadata"]["name"]
+    assert len(name) <= 253 and _DNS_SUBDOMAIN.match(name), name
+    if obj["kind"] == "Service":
+        assert _DNS_LABEL.match(name), name
+    labels = {**obj["metadata"].get("labels", {}),
+              **obj.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {})}
+    for key, value in labels.items():
+        assert len(value) <= 63 and _LABEL_VALUE.match(value), (key, value)
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values", [None, ALL_FEATURES, {"nats": {"auth": {"user": "u", "password": "p"}}}],
+                         ids=["defaults", "all-features", "inline-credentials"])
+def test_every_object_is_valid_kubernetes_in_strict_mode(
+        render: Any, values: dict[str, Any] | None, kube_version: str) -> None:
+    rendered = render(values)
+    assert len(rendered.objects) >= 17
+    for obj in rendered.objects:
+        _validate(obj, kube_version)
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_strict_validation_would_catch_a_misplaced_field(render: Any, kube_version: str) -> None:
+    rendered = render(ALL_FEATURES)
+    deployment = copy.deepcopy(rendered.deployment("orders"))
+    _container(deployment)["livenessProbe"]["httpGet"]["paht"] = "/health"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(deployment, kube_version)
+    scaled = copy.deepcopy(rendered.by_service("ScaledObject")["payments"])
+    scaled["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 1000  # KEDA wants strings
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(scaled, kube_version)
+
+
+# --- Grafana dashboards ----------------------------------------------------------------------------------
+
+
+def test_dashboards_ship_in_a_configmap_for_grafanas_sidecar_only_when_enabled(tmp_path: Path) -> None:
+    chart_dir = shutil.copytree(CHART_DIR, tmp_path / "jetpool")
+    (chart_dir / "dashboards").mkdir(exist_ok=True)
+    (chart_dir / "dashboards" / "test-dashboard.json").write_text('{"title": "jetpool test", "panels": []}')
+    enabled = {"dashboards": {"enabled": True, "annotations": {"grafana_folder": "jetpool"}}}
+    with helm.Chart.load(chart_dir) as chart:
+        by_default = Rendered(chart.render(name=RELEASE, namespace=NAMESPACE))
+        rendered = Rendered(chart.render(enabled, name=RELEASE, namespace=NAMESPACE))
+    assert [c["metadata"]["name"] for c in by_default.of("ConfigMap")] == [f"{RELEASE}-jetpool-config"]
+    (dashboards,) = [c for c in rendered.of("ConfigMap") if c["metadata"]["name"].endswith("-dashboards")]
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboards["metadata"]["annotations"] == {"grafana_folder": "jetpool"}
+    assert json.loads(dashboards["data"]["test-dashboard.json"])["title"] == "jetpool test"
+    for version in KUBE_VERSIONS:
+        _validate(dashboards, version)
+
+
+# --- the NATS release and the image ----------------------------------------------------------------------
+
+
+def test_nats_values_ask_for_three_durable_jetstream_servers() -> None:
+    values = yaml.safe_load((ROOT / "helm" / "nats-values.yaml").read_text())
+    config = values["config"]
+    assert config["cluster"] == {"enabled": True, "replicas": 3}
+    assert config["jetstream"]["enabled"] is True
+    assert config["jetstream"]["fileStore"]["enabled"] is True
+    assert config["jetstream"]["fileStore"]["pvc"]["enabled"] is True
+    assert config["jetstream"]["memoryStore"]["enabled"] is False
+    assert config["jetstream"]["merge"]["sync_interval"] == "always"
+    # KEDA and the chart's default keda endpoint read the monitoring port.
+    assert config["monitor"] == {"enabled": True, "port": 8222}
+    chart_values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert chart_values["keda"]["natsServerMonitoringEndpoint"].endswith(":8222")
+    assert all(s["replicas"] == config["cluster"]["replicas"] for s in chart_values["config"]["streams"])
+
+
+def test_the_image_runs_as_the_user_the_chart_expects() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    instructions = [line.split(None, 1) for line in dockerfile.splitlines() if line and not line.startswith("#")]
+    final_stage = instructions[max(i for i, ins in enumerate(instructions) if ins[0] == "FROM"):]
+    users = [args for op, *args in final_stage if op == "USER"]
+    assert users == [["10001:10001"]]  # numeric, so runAsNonRoot can be verified by the kubelet
+    pod = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["podSecurityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"]) == (10001, 10001)
+    assert ["ENTRYPOINT", '["jetpool"]'] in instructions
+    assert any(op == "RUN" and "pip install ." in args[0] for op, *args in instructions)
