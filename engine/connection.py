@@ -71,7 +71,7 @@ def _tls_context(env: Mapping[str, str]) -> ssl.SSLContext | None:
 
 
 async def connect(cfg: NatsConfig, name: str, *, reconnected_cb: Callback | None = None,
-                  disconnected_cb: Callback | None = None,
+                  disconnected_cb: Callback | None = None, closed_cb: Callback | None = None,
                   error_cb: Callable[[Exception], Awaitable[None]] | None = None,
                   env: Mapping[str, str] | None = None) -> Any:
     """Open a connection; raise BrokerError with a message that names the URL but no secret."""
@@ -88,7 +88,7 @@ async def connect(cfg: NatsConfig, name: str, *, reconnected_cb: Callback | None
     # then turn reconnection on for the life of the connection.
     try:
         nc = await nats.connect(name=name, reconnected_cb=reconnected_cb, disconnected_cb=disconnected_cb,
-                                error_cb=quiet_error, **{**options, "allow_reconnect": False})
+                                closed_cb=closed_cb, error_cb=quiet_error, **{**options, "allow_reconnect": False})
     except Exception as exc:
         raise BrokerError(f"cannot connect to {', '.join(options['servers'])}: {_safe(exc)}") from None
     nc.options["allow_reconnect"] = True

@@ -46,6 +46,7 @@ TERM = b"+TERM"
 IN_PROGRESS = b"+WPI"
 _NS = 1_000_000_000
 _DRAIN_POLL_S = 0.02
+_MISSES_UNHEALTHY = 3
 
 class _Delivery:
     """One delivered message from receipt to settlement; also the waiter of its outputs' PubAcks."""
@@ -128,6 +129,7 @@ class Consumer:
         self._heartbeat_ns = int(svc.idle_heartbeat_s * _NS)
         self._tick_s = min(1.0, svc.idle_heartbeat_s / 2, svc.ack_wait_s / 6, svc.handler_timeout_s / 4)
         self._credit = 0
+        self._missed_in_row = 0
         self._in_flight: dict[str, _Delivery] = {}
         self._stopping = False
         self._loop = asyncio.get_running_loop()
@@ -177,13 +179,19 @@ class Consumer:
 
     @property
     def seconds_since_heard(self) -> float:
-        """Time since the server last sent a message or heartbeat for this consumer (liveness)."""
+        """Time since the server last sent a message or heartbeat for this consumer."""
         return self._loop.time() - self._last_seen
+
+    @property
+    def healthy(self) -> bool:
+        """Liveness: false once pulls went unanswered (no message, no heartbeat) several times in a row."""
+        return self._missed_in_row < _MISSES_UNHEALTHY
 
     # ---- receiving -------------------------------------------------------------------------------
 
     async def _on_message(self, msg: Any) -> None:
         self._last_seen = self._loop.time()
+        self._missed_in_row = 0
         reply = msg.reply
         if not reply:
             await self._on_status(msg)
@@ -368,6 +376,7 @@ class Consumer:
         if self._credit > 0 and silent_s > 2 * self._svc.idle_heartbeat_s:
             log.warning("pull.heartbeat_missed", service=self.service, silent_s=round(silent_s, 1))
             self.counts["heartbeats_missed"] += 1
+            self._missed_in_row += 1
             self._credit = 0
             self._last_seen = now
         if not self._stopping:

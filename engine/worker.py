@@ -79,9 +79,18 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, heartbeat: Any) -> int:
     async def disconnected() -> None:
         log.warning("nats.disconnected")
 
+    lost = asyncio.Event()
+
+    async def closed() -> None:
+        # The reconnect budget (nats.max_reconnect_attempts) is spent: exit non-zero so the
+        # supervisor restarts this worker rather than letting it sit connected to nothing.
+        if not (shutdown.is_set() or local_stop.is_set()):
+            log.error("nats.connection_lost")
+            lost.set()
+
     router = build_router(cfg, service)
     nc = await connect(cfg.nats, name=f"{cfg.app}.{service}.{spec.index}", reconnected_cb=reconnected,
-                       disconnected_cb=disconnected)
+                       disconnected_cb=disconnected, closed_cb=closed)
     publisher = Publisher(nc, cfg.subject_prefix, cfg.nats.publish_timeout_s)
     await publisher.start()
     resources = await open_resources(nc, cfg, service)
@@ -92,8 +101,10 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, heartbeat: Any) -> int:
     await consumer.start()
     consumers.append(consumer)
     log.info("worker.started", cpu=spec.cpu)
-    await _wait_for_stop(shutdown, local_stop, nc, heartbeat)
+    await _wait_for_stop(shutdown, local_stop, lost, consumer, heartbeat)
     heartbeat.value = 0.0
+    if lost.is_set():
+        return 1
     log.info("worker.draining", in_flight=consumer.in_flight)
     await consumer.stop(cfg.services[service].drain_timeout_s)
     await publisher.stop()
@@ -113,13 +124,15 @@ async def open_resources(nc: Any, cfg: Config, service: str) -> dict[str, Any]:
     return {**{f"state:{n}": s for n, s in stores.items()}, **{f"breaker:{n}": b for n, b in breakers.items()}}
 
 
-async def _wait_for_stop(shutdown: Any, local_stop: asyncio.Event, nc: Any, heartbeat: Any) -> None:
+async def _wait_for_stop(shutdown: Any, local_stop: asyncio.Event, lost: asyncio.Event, consumer: Consumer,
+                         heartbeat: Any) -> None:
+    """Beat while alive and healthy (the supervisor's /health reads it); return when told to stop."""
     parent = os.getppid()
     beat_at = 0.0
-    while not (shutdown.is_set() or local_stop.is_set() or os.getppid() != parent):
+    while not (shutdown.is_set() or local_stop.is_set() or lost.is_set() or os.getppid() != parent):
         now = time.time()
         if now - beat_at >= _BEAT_S:
-            heartbeat.value = now if nc.is_connected else 0.0
+            heartbeat.value = now if consumer.healthy else 0.0
             beat_at = now
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(local_stop.wait(), _POLL_S)
