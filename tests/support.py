@@ -88,7 +88,8 @@ DEFAULT_SERVICE: dict[str, Any] = {
 
 def write_config(directory: Path, url: str, services: dict[str, dict[str, Any]] | None = None, *,
                  stream: dict[str, Any] | None = None, supervisor: dict[str, Any] | None = None,
-                 nats_options: dict[str, Any] | None = None, name: str = "jetpool.yaml") -> App:
+                 nats_options: dict[str, Any] | None = None, name: str = "jetpool.yaml",
+                 same_names_as: App | None = None) -> App:
     """Write a config YAML into ``directory`` and return what a test needs to know about it.
 
     Args:
@@ -99,9 +100,12 @@ def write_config(directory: Path, url: str, services: dict[str, dict[str, Any]] 
         supervisor: the ``supervisor`` section.
         nats_options: more keys for the ``nats`` section.
         name: the file name.
+        same_names_as: reuse that config's stream name and subject prefix (to reconfigure its services).
     """
     uid = uuid.uuid4().hex[:10]
     prefix, stream_name = f"t{uid}", f"T{uid.upper()}"
+    if same_names_as is not None:
+        prefix, stream_name = same_names_as.prefix, same_names_as.stream
     raw: dict[str, Any] = {
         "app": f"test-{uid}",
         "subject_prefix": prefix,
@@ -267,7 +271,8 @@ def engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of an engine subprocess: no stray JETPOOL_* settings, tests importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETPOOL")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
+    # No PYTHONUNBUFFERED: line-buffered stderr writes each log line with one write(), so the
+    # processes sharing the log file do not interleave inside a line.
     env.update(extra or {})
     return env
 
@@ -313,18 +318,23 @@ class Engine:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def records(self, event: str | None = None) -> list[dict[str, Any]]:
-        """Parsed JSON log lines (optionally only those whose ``event`` is ``event``)."""
+        """Parsed JSON log records (optionally only those whose ``event`` is ``event``).
+
+        Every process of the tree appends to the same file; a line may hold more than one record
+        if two writes interleave, so each line is decoded record by record.
+        """
+        decoder = json.JSONDecoder()
         out = []
         for line in self.log_text().splitlines():
-            line = line.strip()
-            if not line.startswith("{"):
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if event is None or record.get("event") == event:
-                out.append(record)
+            position = line.find("{")
+            while position != -1:
+                try:
+                    record, end = decoder.raw_decode(line, position)
+                except ValueError:
+                    break
+                if isinstance(record, dict) and (event is None or record.get("event") == event):
+                    out.append(record)
+                position = line.find("{", end)
         return out
 
     def tail(self, lines: int = 40) -> str:
