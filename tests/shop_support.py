@@ -1,0 +1,67 @@
+"""Helpers for the shop's tests: handler contexts over in-memory state, an interleaving store, orders."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from engine import Context, Event
+from engine.breaker import Breaker
+from engine.state import MemoryState, Mutation, Value, mutate_with_cas
+from handlers.saga import ORDER_PLACED
+
+SHOP_YAML = Path(__file__).resolve().parent.parent / "config" / "shop.yaml"
+_orders = itertools.count(1)
+
+
+def order_placed(sku: str = "sku-1", qty: int = 1, amount_cents: int = 1999, order_id: str | None = None,
+                 customer_id: str = "c-1") -> Event:
+    """An OrderPlaced event as the storefront would publish it."""
+    order_id = order_id or f"o-{next(_orders)}"
+    return Event(type=ORDER_PLACED, aggregate_id=order_id, data={
+        "order_id": order_id, "customer_id": customer_id, "sku": sku, "qty": qty, "amount_cents": amount_cents})
+
+
+def context(service: str, resources: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None,
+            attempt: int = 1) -> Context:
+    """A handler context with the given resources; ``attempt`` is encoded in a fake ack subject."""
+    reply = f"$JS.ACK.SHOP.{service}.{attempt}.{next(_orders)}.1.0.0" if attempt else ""
+    return Context(service, 0, reply, f"shop.{service}", dict(resources or {}), dict(settings or {}))
+
+
+class InterleavedState:
+    """A view of a shared :class:`MemoryState` that yields to the loop around every call.
+
+    Two views on one MemoryState behave like two processes on one KV bucket: their reads and
+    compare-and-set writes interleave, so conflicts and retries really happen.
+    """
+
+    def __init__(self, shared: MemoryState) -> None:
+        self.shared = shared
+
+    async def get(self, key: str) -> tuple[Value | None, int]:
+        await asyncio.sleep(0)
+        result = await self.shared.get(key)
+        await asyncio.sleep(0)
+        return result
+
+    async def create(self, key: str, value: Value) -> int:
+        await asyncio.sleep(0)
+        return await self.shared.create(key, value)
+
+    async def update(self, key: str, value: Value, revision: int) -> int:
+        await asyncio.sleep(0)
+        return await self.shared.update(key, value, revision)
+
+    async def put(self, key: str, value: Value) -> int:
+        return await self.shared.put(key, value)
+
+    async def mutate(self, key: str, fn: Mutation, attempts: int = 50) -> Value | None:
+        return await mutate_with_cas(self, key, fn, attempts)
+
+
+def breaker(fail_max: int = 5, reset_timeout_s: float = 30.0) -> Breaker:
+    return Breaker("payment_gateway", fail_max=fail_max, reset_timeout_s=reset_timeout_s)

@@ -1,0 +1,102 @@
+"""Audit (every event once, per-order timeline), notifications, and the gateway's shared ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from handlers import audit, notifications
+from handlers import gateway as gw
+from handlers.audit_store import AuditRecord, SqliteAuditStore
+from handlers.saga import Order
+from tests.shop_support import context, order_placed
+
+
+def test_the_audit_handler_stores_each_event_once(tmp_path: Path) -> None:
+    db = tmp_path / "audit.sqlite"
+    ctx = context("audit", settings={"db_path": str(db)})
+    placed = order_placed()
+    authorized = Order.from_event(placed).event("PaymentAuthorized", charge_id="ch_1")
+
+    async def go() -> None:
+        for event in (placed, authorized, placed, authorized, placed):
+            await audit.record(event, ctx)
+
+    asyncio.run(go())
+    rows = sqlite3.connect(db).execute("SELECT event_id, type, service FROM events ORDER BY rowid").fetchall()
+    assert rows == [(placed.id, "OrderPlaced", "storefront"), (authorized.id, "PaymentAuthorized", "payments")]
+
+
+def test_concurrent_adds_are_group_committed_and_readable(tmp_path: Path) -> None:
+    store = SqliteAuditStore(tmp_path / "a.sqlite")
+    events = [order_placed(order_id="o-same") for _ in range(200)]
+
+    async def go() -> list[AuditRecord]:
+        await asyncio.gather(*(store.add(AuditRecord.from_event(e, i)) for i, e in enumerate(events)))
+        await store.add_many([AuditRecord.from_event(e) for e in events[:50]])  # replays are ignored
+        assert await store.count() == 200
+        return await store.timeline("o-same")
+
+    timeline = asyncio.run(go())
+    assert [r.event_id for r in timeline] == [e.id for e in events]  # by time, then stream sequence
+    assert timeline[0].data == events[0].data
+    asyncio.run(store.clear())
+    assert asyncio.run(store.count()) == 0
+    store.close()
+
+
+def test_describe_shows_the_key_data() -> None:
+    placed = order_placed(sku="mug", qty=2, amount_cents=1250)
+    assert audit.describe(AuditRecord.from_event(placed)) == "sku=mug qty=2 amount=12.50"
+    declined = Order.from_event(placed).event("PaymentDeclined", reason="card declined")
+    assert audit.describe(AuditRecord.from_event(declined)) == "reason=card declined"
+
+
+def test_notifications_answer_the_same_for_the_same_event() -> None:
+    placed = order_placed()
+    confirmed = Order.from_event(placed).event("OrderConfirmed", reason="")
+    cancelled = Order.from_event(placed).event("OrderCancelled", reason="out of stock")
+    ctx = context("notifications")
+    first = asyncio.run(notifications.notify(confirmed, ctx))
+    again = asyncio.run(notifications.notify(confirmed, ctx))
+    assert first.type == "NotificationSent" and first.data == again.data
+    assert first.data["template"] == "order_confirmed" and first.data["idempotency_key"] == confirmed.id
+    assert asyncio.run(notifications.notify(cancelled, ctx)).data["template"] == "order_cancelled"
+
+
+def test_the_sqlite_ledger_remembers_keys_across_processes(tmp_path: Path) -> None:
+    one, two = gw.SqliteLedger(tmp_path / "l.sqlite"), gw.SqliteLedger(tmp_path / "l.sqlite")  # two processes
+    first = one.apply("charge-o1", "o1", "charge", 500, gw.Result("authorized", "ch_a"))
+    again = two.apply("charge-o1", "o1", "charge", 500, gw.Result("authorized", "ch_b"))
+    assert (first.replayed, again.replayed, again.reference) == (False, True, "ch_a")
+    assert two.movements("o1") == [("charge", 500)]
+    assert one.double_charges() == {}
+    one.apply("another-key", "o1", "charge", 500, gw.Result("authorized", "ch_c"))  # a buggy caller
+    assert two.double_charges() == {"o1": 2}
+    assert two.charged_orders() == 1
+    one.close()
+    two.close()
+
+
+def test_the_control_file_switches_an_outage_on_and_off(tmp_path: Path) -> None:
+    control = gw.ControlFile(tmp_path / "control.json", poll_s=0)
+    gateway = gw.PaymentGateway(gw.MemoryLedger(), control, latency_ms=0, jitter_ms=0)
+    control.write(outage=True)
+    with pytest.raises(gw.GatewayUnavailable):
+        asyncio.run(gateway.charge("o1", 100, "k1"))
+    control.write(outage=False)
+    assert asyncio.run(gateway.charge("o1", 100, "k1")).status == "authorized"
+    (tmp_path / "control.json").write_text("{half-writ")
+    assert control.values() == {}
+
+
+def test_gateway_settings_build_one_client_per_process(tmp_path: Path) -> None:
+    settings = {"ledger": str(tmp_path / "l.sqlite"), "control_file": str(tmp_path / "c.json"), "latency_ms": 1}
+    try:
+        assert gw.gateway_for(settings) is gw.gateway_for(dict(settings))
+        assert isinstance(gw.gateway_for(settings).ledger, gw.SqliteLedger)
+    finally:
+        gw._gateways.clear()
