@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run only this service (repeatable); default: all services")
     run.add_argument("--no-provision", action="store_true",
                      help="do not create/update streams and consumers before starting")
+    run.add_argument("--http-port", type=int, metavar="N",
+                     help="port of /health, /ready and /metrics (default 8080, 0 = any free port)")
 
     prov = sub.add_parser("provision", help="create or update streams and durable consumers (idempotent)")
     _common(prov)
@@ -81,6 +83,8 @@ def load(args: argparse.Namespace) -> Config:
         updates["nats"] = cfg.nats.model_copy(update={"url": args.nats_url})
     if getattr(args, "log_level", None):
         updates["log"] = cfg.log.model_copy(update={"level": args.log_level})
+    if getattr(args, "http_port", None) is not None:
+        updates["http"] = cfg.http.model_copy(update={"port": args.http_port})
     return cfg.model_copy(update=updates) if updates else cfg
 
 

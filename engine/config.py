@@ -41,6 +41,7 @@ SHORT_ENV = {
     "JETPOOL_NATS_URL": ("nats", "url"),
     "JETPOOL_STORE_DIR": ("nats", "store_dir"),
     "JETPOOL_LOG_LEVEL": ("log", "level"),
+    "JETPOOL_HTTP_PORT": ("http", "port"),
 }
 
 
@@ -195,6 +196,14 @@ class SupervisorConfig(_Frozen):
     cpus: list[NonNegInt] | None = None
 
 
+class HttpConfig(_Frozen):
+    """The supervisor's /health, /ready and /metrics endpoint. Port 0 picks a free port (logged)."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+
+
 class LogConfig(_Frozen):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -212,6 +221,7 @@ class Config(_Frozen):
     breakers: dict[Name, BreakerConfig] = Field(default_factory=dict)
     dead_letter: DeadLetterConfig = DeadLetterConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
     source: str = Field(default="<config>", exclude=True)
 
@@ -297,13 +307,19 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError("\n".join(_format_error(source, err) for err in exc.errors())) from None
 
 
+# Said for a stray key under ``nats``: that is where people try to put a password.
+_CREDENTIALS_HINT = ("; credentials and TLS files never go in the config file: set JETPOOL_NATS_USER and "
+                     "JETPOOL_NATS_PASSWORD(_FILE), JETPOOL_NATS_TOKEN(_FILE), JETPOOL_NATS_CREDS, "
+                     "JETPOOL_NATS_NKEY_SEED or JETPOOL_NATS_TLS_CA/_CERT/_KEY in the environment")
+
+
 def _format_error(source: str, err: Any) -> str:
     path = ".".join(str(p) for p in err["loc"])
     kind, got = err["type"], err.get("input")
     if kind in {"missing"}:
         what = "required key is missing"
     elif kind == "extra_forbidden":
-        what = "unknown key"
+        what = "unknown key" + (_CREDENTIALS_HINT if err["loc"][0] == "nats" else "")
     elif kind == "literal_error":
         what = f"expected one of {err['ctx']['expected']}, got {got!r}"
     elif kind.startswith("jetpool_"):
@@ -330,7 +346,9 @@ def _override(raw: dict[str, Any], name: str, keys: list[str], value: str, parse
     try:
         _set_path(raw, keys, yaml.safe_load(value) if parse and value else value)
     except (ConfigError, yaml.YAMLError) as exc:
-        raise ConfigError(f"environment variable {name}: cannot set {'.'.join(keys)}: {exc}") from None
+        # A YAML error quotes the value, which may be a secret set under the wrong name: give the problem only.
+        reason = f"not a YAML value ({exc.problem})" if isinstance(exc, yaml.MarkedYAMLError) else exc
+        raise ConfigError(f"environment variable {name}: cannot set {'.'.join(keys)}: {reason}") from None
 
 
 def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:

@@ -27,14 +27,16 @@ from typing import Any
 
 import orjson
 import structlog
+from opentelemetry import trace
 
-from engine import eager
+from engine import eager, tracing
 from engine.breaker import Breaker, BreakerOpen
 from engine.config import Config
 from engine.deadletter import DeadLetters
 from engine.dispatch import Context, Router, ack_metadata
 from engine.errors import HandlerTimeout, MalformedEvent
-from engine.events import Event
+from engine.events import TRACEPARENT_HEADER, Event
+from engine.metrics import RouteMetrics
 from engine.outcome import Action, Outcome, RetryPolicy, decide
 from engine.publisher import Publisher
 
@@ -120,6 +122,8 @@ class Consumer:
         self._breakers: list[Breaker] = [r for k, r in self._resources.items() if k.startswith("breaker:")]
         self._parked: list[_Delivery] = []
         self._trial: _Delivery | None = None
+        self._routes = frozenset(router.event_types)
+        self._metrics = RouteMetrics(service, self._routes, [b.name for b in self._breakers])
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{svc.stream}.{config.durable(service)}"
         self._inbox: str = nc.new_inbox()
         self._window = svc.max_in_flight
@@ -164,6 +168,7 @@ class Consumer:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        self._metrics.flush(0, {b.name: b.state for b in self._breakers})
         log.info("consumer.drained", service=self.service, worker=self._worker,
                  unfinished=len(leftover), **self.counts)
 
@@ -201,6 +206,7 @@ class Consumer:
             # Never started: hand it straight back so another worker can take it.
             await self._nc.publish(reply, NAK)
             self.counts["released"] += 1
+            self._metrics.outcome("-", "released")
             return
         delivery = _Delivery(self, msg, self._last_seen)
         self._in_flight[reply] = delivery
@@ -248,8 +254,15 @@ class Consumer:
                                      f"({self._svc.max_event_bytes})")
             event = d.event = Event.decode(d.msg.data)
             ctx = Context(self.service, self._worker, d.reply, d.msg.subject, self._resources, self._svc.settings)
-            outputs = await self._router.dispatch(event, ctx)
+            if tracing.enabled():
+                outputs = await self._traced_dispatch(d, event, ctx)
+            else:
+                outputs = await self._router.dispatch(event, ctx)
+                if outputs and d.msg.headers and TRACEPARENT_HEADER in d.msg.headers:
+                    for output in outputs:
+                        output.traceparent = d.msg.headers[TRACEPARENT_HEADER]
             d.handled = True
+            self._metrics.duration(event.type, self._loop.time() - d.started)
             if outputs:
                 d.waiting = len(outputs)
                 await self._publisher.send_events(outputs, d)
@@ -260,6 +273,20 @@ class Consumer:
         except Exception as exc:
             await self._fail(d, exc)
 
+    async def _traced_dispatch(self, d: _Delivery, event: Event, ctx: Context) -> list[Event]:
+        span = tracing.start_span(event, d.msg.headers, self.service, ack_metadata(d.reply)[1])
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                outputs = await self._router.dispatch(event, ctx)
+        except BaseException as exc:
+            tracing.end_span(span, exc)
+            raise
+        traceparent = tracing.traceparent_of(span)
+        for output in outputs:
+            output.traceparent = traceparent
+        tracing.end_span(span)
+        return outputs
+
     async def _finish(self, d: _Delivery) -> None:
         """Handler done and every output stored: ack (or settle the publish failure)."""
         if d.error is not None:
@@ -269,7 +296,7 @@ class Consumer:
             return
         d.settled = True
         await self._nc.publish(d.reply, ACK)
-        self.counts["acked"] += 1
+        self._tally(d, "ack")
         await self._forget(d)
 
     async def _on_cancelled(self, d: _Delivery) -> None:
@@ -284,7 +311,7 @@ class Consumer:
             return
         d.settled = True
         await self._nc.publish(d.reply, NAK)
-        self.counts["released"] += 1
+        self._tally(d, "released")
         await self._forget(d)
 
     async def _fail(self, d: _Delivery, exc: BaseException) -> None:
@@ -301,7 +328,7 @@ class Consumer:
         elif outcome.action is Action.NAK and self._dead_letters is not None:
             await self._dead_letters.note_failure(d.reply, self.service)
         await self._nc.publish(d.reply, _settlement(outcome))
-        self.counts[outcome.label] += 1
+        self._tally(d, outcome.label)
         event = d.event
         log.warning("event.failed", service=self.service, worker=self._worker, outcome=outcome.label,
                     attempt=attempt, delay_s=round(outcome.delay_s, 3), reason=outcome.reason,
@@ -328,7 +355,7 @@ class Consumer:
         if d is self._trial:
             self._trial = None
         self._parked.append(d)
-        self.counts["parked"] += 1
+        self._tally(d, "parked")
 
     @property
     def breakers_closed(self) -> bool:
@@ -351,6 +378,12 @@ class Consumer:
             if not finished:
                 d.task = task
 
+    def _tally(self, d: _Delivery, outcome: str) -> None:
+        self.counts[outcome] += 1
+        event = d.event
+        # Only routed types become label values: a bad producer must not explode the label set.
+        self._metrics.outcome(event.type if event is not None and event.type in self._routes else "-", outcome)
+
     async def _forget(self, d: _Delivery) -> None:
         self._in_flight.pop(d.reply, None)
         if d is self._trial:
@@ -371,6 +404,7 @@ class Consumer:
 
     async def _tick(self) -> None:
         now = self._loop.time()
+        self._metrics.flush(len(self._in_flight), {b.name: b.state for b in self._breakers})
         await self._watch_handlers(now)
         silent_s = now - self._last_seen
         if self._credit > 0 and silent_s > 2 * self._svc.idle_heartbeat_s:

@@ -32,6 +32,7 @@ from nats.js.errors import NotFoundError
 from engine.config import Config
 from engine.dispatch import ack_metadata
 from engine.events import MSG_ID_HEADER, Event
+from engine.metrics import DEAD_LETTERED
 from engine.outcome import Outcome
 from engine.publisher import Publisher
 from engine.state import Conflict, KVState, open_buckets
@@ -125,6 +126,7 @@ class DeadLetters:
             H + "Original-Msg-Id": original_id or "-",
         })
         await self._publisher.publish(f"{self._config.dead_letter.subject_prefix}.{service}", body, headers)
+        DEAD_LETTERED.labels(service, route if route in self._config.services[service].routes else "-").inc()
         log.warning("event.dead_lettered", service=service, route=route, error_type=error_type,
                     stream=stream, seq=seq, attempts=attempts)
 

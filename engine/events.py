@@ -108,6 +108,7 @@ class Event:
         causation_id: id of the event whose handler produced this one.
         correlation_id: id of the first event of the flow (e.g. the OrderPlaced).
         v: envelope schema version.
+        traceparent: W3C trace context sent as a header, not part of the JSON body.
     """
 
     type: str
@@ -119,6 +120,7 @@ class Event:
     causation_id: str | None = None
     correlation_id: str | None = None
     v: int = SCHEMA_VERSION
+    traceparent: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -147,6 +149,8 @@ class Event:
 
     def headers(self) -> dict[str, str]:
         """The NATS headers jetpool sends with the event."""
+        if self.traceparent:
+            return {MSG_ID_HEADER: self.id, TRACEPARENT_HEADER: self.traceparent}
         return {MSG_ID_HEADER: self.id}
 
     def caused_by(self, parent: Event, position: int) -> Event:

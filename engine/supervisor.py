@@ -27,8 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from prometheus_client import multiprocess
 
 from engine.config import Config
+from engine.errors import JetpoolError
+from engine.metrics import WORKER_RESTARTS, prepare_multiprocess_dir
+from engine.probes import LagSampler, Probes
 from engine.worker import WorkerSpec, worker_main
 
 log = structlog.get_logger("jetpool.supervisor")
@@ -39,11 +43,15 @@ _DRAIN_MARGIN_S = 5.0
 
 @dataclass
 class Slot:
-    """One worker position: keeps its CPU and index across restarts."""
+    """One worker position: keeps its CPU and index across restarts.
+
+    ``status`` is shared memory the worker writes (see :data:`engine.worker.BEAT` / ``READY``).
+    """
 
     spec: WorkerSpec
-    heartbeat: Any
+    status: Any
     process: Any = None
+    started_at: float = 0.0
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)
 
@@ -72,6 +80,7 @@ class Supervisor:
         self._exit_code = EXIT_OK
         self._done: asyncio.Future[int] | None = None
         self._signals = 0
+        self.http_port: int | None = None
 
     def _plan(self, services: Sequence[str]) -> list[Slot]:
         wanted = [(s, i) for s in services for i in range(self.config.services[s].workers)]
@@ -80,8 +89,16 @@ class Supervisor:
         for slot_no, ((service, index), cpu) in enumerate(zip(wanted, cpus, strict=True)):
             pinned = cpu if self.config.services[service].pin_cpus else None
             spec = WorkerSpec(self.config, service, index, slot_no, pinned)
-            slots.append(Slot(spec, self._ctx.Value("d", 0.0, lock=False)))
+            slots.append(Slot(spec, self._ctx.Array("d", 2, lock=False)))
         return slots
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def crash_looped(self) -> bool:
+        return self._exit_code == EXIT_CRASH_LOOP
 
     @property
     def pids(self) -> list[int]:
@@ -93,6 +110,8 @@ class Supervisor:
         self._done = loop.create_future()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        prepare_multiprocess_dir()
+        probes, lag = await self._start_http()
         for slot in self.slots:
             self._start(slot)
         log.info("supervisor.started", workers=len(self.slots), pid=os.getpid())
@@ -101,10 +120,29 @@ class Supervisor:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+            if lag is not None:
+                await lag.stop()
+            if probes is not None:
+                await probes.stop()
+
+    async def _start_http(self) -> tuple[Probes | None, LagSampler | None]:
+        http = self.config.http
+        if not http.enabled:
+            return None, None
+        probes = Probes(self)
+        try:
+            self.http_port = await probes.start(http.host, http.port)
+        except OSError as exc:
+            raise JetpoolError(f"cannot serve /health and /metrics on {http.host}:{http.port}: {exc.strerror} "
+                               "(set http.port, --http-port or JETPOOL_HTTP_PORT)") from None
+        lag = LagSampler(self.config, sorted({s.spec.service for s in self.slots}))
+        lag.start()
+        return probes, lag
 
     def _start(self, slot: Slot) -> None:
-        slot.heartbeat.value = 0.0
-        proc = self._ctx.Process(target=worker_main, args=(slot.spec, self.shutdown, slot.heartbeat),
+        slot.status[0] = slot.status[1] = 0.0
+        slot.started_at = time.time()
+        proc = self._ctx.Process(target=worker_main, args=(slot.spec, self.shutdown, slot.status),
                                  name=f"jetpool-{slot.spec.service}-{slot.spec.index}")
         proc.start()
         slot.process = proc
@@ -119,6 +157,8 @@ class Supervisor:
         proc.join()
         code = proc.exitcode
         slot.exit_codes.append(code)
+        # Live gauges of a dead process must go; its counters stay so totals never go backwards.
+        multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
         if self._stopping:
             if code != 0:
                 self._exit_code = max(self._exit_code, EXIT_UNCLEAN)
@@ -133,6 +173,7 @@ class Supervisor:
             return
         delay = self._backoff(slot)
         slot.restarts += 1
+        WORKER_RESTARTS.labels(slot.spec.service).inc()
         loop.call_later(delay, self._restart, slot)
 
     def _restart(self, slot: Slot) -> None:

@@ -30,11 +30,15 @@ from engine.dispatch import build_router
 from engine.logs import configure_logging
 from engine.publisher import Publisher
 from engine.state import open_buckets
+from engine.tracing import setup_tracing, shutdown_tracing
 
 log = structlog.get_logger("jetpool.worker")
 
 _POLL_S = 0.1
 _BEAT_S = 1.0
+# A worker's status, shared with the supervisor: a 2-slot array of doubles.
+BEAT = 0  # wall time of the last beat; 0 when not healthy (stuck loop, consumer deaf to heartbeats)
+READY = 1  # 1.0 while connected with the consumer bound and not draining
 
 
 @dataclass(frozen=True)
@@ -48,22 +52,23 @@ class WorkerSpec:
     cpu: int | None
 
 
-def worker_main(spec: WorkerSpec, shutdown: Any, heartbeat: Any) -> None:
+def worker_main(spec: WorkerSpec, shutdown: Any, status: Any) -> None:
     """Process entry point (top-level so that spawn can import it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.cpu is not None:
         os.sched_setaffinity(0, {spec.cpu})
     cfg = spec.config
     configure_logging(cfg.log.level, cfg.log.format, service=spec.service, worker=spec.index, pid=os.getpid())
+    setup_tracing(f"{cfg.app}.{spec.service}")
     try:
-        code = uvloop.run(run_worker(spec, shutdown, heartbeat))
+        code = uvloop.run(run_worker(spec, shutdown, status))
     except Exception as exc:
         log.error("worker.crashed", error=repr(exc))
         code = 1
     sys.exit(code)
 
 
-async def run_worker(spec: WorkerSpec, shutdown: Any, heartbeat: Any) -> int:
+async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     """Consume until told to stop, then drain. Returns the process exit code."""
     cfg, service = spec.config, spec.service
     loop = asyncio.get_running_loop()
@@ -101,13 +106,14 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, heartbeat: Any) -> int:
     await consumer.start()
     consumers.append(consumer)
     log.info("worker.started", cpu=spec.cpu)
-    await _wait_for_stop(shutdown, local_stop, lost, consumer, heartbeat)
-    heartbeat.value = 0.0
+    await _wait_for_stop(shutdown, local_stop, lost, consumer, nc, status)
+    status[BEAT] = status[READY] = 0.0
     if lost.is_set():
         return 1
     log.info("worker.draining", in_flight=consumer.in_flight)
     await consumer.stop(cfg.services[service].drain_timeout_s)
     await publisher.stop()
+    shutdown_tracing()
     with contextlib.suppress(Exception):
         await nc.flush(timeout=5)
     await nc.close()
@@ -125,14 +131,15 @@ async def open_resources(nc: Any, cfg: Config, service: str) -> dict[str, Any]:
 
 
 async def _wait_for_stop(shutdown: Any, local_stop: asyncio.Event, lost: asyncio.Event, consumer: Consumer,
-                         heartbeat: Any) -> None:
-    """Beat while alive and healthy (the supervisor's /health reads it); return when told to stop."""
+                         nc: Any, status: Any) -> None:
+    """Beat while alive and healthy (the supervisor's /health and /ready read it); return when told to stop."""
     parent = os.getppid()
     beat_at = 0.0
     while not (shutdown.is_set() or local_stop.is_set() or lost.is_set() or os.getppid() != parent):
         now = time.time()
         if now - beat_at >= _BEAT_S:
-            heartbeat.value = now if consumer.healthy else 0.0
+            status[BEAT] = now if consumer.healthy else 0.0
+            status[READY] = 1.0 if nc.is_connected else 0.0
             beat_at = now
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(local_stop.wait(), _POLL_S)

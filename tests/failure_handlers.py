@@ -46,3 +46,12 @@ async def through_breaker(event: Event, ctx: Context) -> Event:
     control = Path(str(ctx.settings["control_file"]))
     await ctx.breaker("dependency").call(_dependency, control)
     return _pong(event)
+
+
+NEXT_HOP = {"Start": "Mid", "Mid": "End"}
+
+
+async def chain(event: Event, ctx: Context) -> Event | None:
+    """Start → Mid → End: three services passing one flow along (for trace propagation)."""
+    following = NEXT_HOP.get(event.type)
+    return Event(type=following, data=event.data, aggregate_id=event.aggregate_id) if following else None

@@ -19,6 +19,7 @@ import yaml
 
 from engine.config import load_config
 from engine.deadletter import Entry, list_entries
+from tests.integration.test_observability import get, port_of, total
 from tests.support import (
     App,
     Engine,
@@ -172,8 +173,9 @@ def test_open_breaker_parks_events_instead_of_dead_lettering_them(make_config: C
         make_config({"echo": {"routes": {"Ping": f"{FAILING}:through_breaker"}, "max_deliver": 3,
                               "breakers": ["dependency"], "settings": {"control_file": str(control)},
                               "retry": {"delays_s": [0.2]}, "max_in_flight": 64, "batch": 16}}),
-        breakers={"dependency": {"fail_max": 3, "reset_timeout_s": 1.0}})
+        breakers={"dependency": {"fail_max": 3, "reset_timeout_s": 1.0}}, http={"port": 0, "host": "127.0.0.1"})
     run = engine(app)
+    port = port_of(run)
     sent = pings(300)
     publish(app, sent)
     wait_for(lambda: any(r.get("event") == "breaker.opened" for r in run.records()) or
@@ -181,6 +183,9 @@ def test_open_breaker_parks_events_instead_of_dead_lettering_them(make_config: C
     # Down for a while: nothing may be dead-lettered, nothing may be acked.
     wait_for(lambda: consumer_info(app, "echo").num_pending > 0, 10, "events waiting in the stream")
     asyncio.run(asyncio.sleep(4))
+    metrics = get(port, "/metrics")[1]
+    assert total(metrics, "jetpool_breaker_state", breaker="dependency") in (1, 2)  # open or trying
+    assert total(metrics, "jetpool_events_handled_total", outcome="parked") > 0
     assert dlq(app) == []
     assert count(app, "Pong") == 0
     control.unlink()  # the dependency recovers

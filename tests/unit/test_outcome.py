@@ -17,10 +17,21 @@ def test_success_is_acked() -> None:
     assert not outcome.dead_letter
 
 
-def test_retry_naks_with_the_requested_delay_even_on_the_last_attempt() -> None:
-    outcome = decide(Retry(2.5, "bank busy"), attempt=5, max_deliver=5, policy=POLICY)
+def test_retry_naks_with_the_requested_delay() -> None:
+    outcome = decide(Retry(2.5, "bank busy"), attempt=4, max_deliver=5, policy=POLICY)
     assert (outcome.action, outcome.delay_s, outcome.reason) == (Action.NAK, 2.5, "bank busy")
     assert outcome.label == "retry"
+
+
+def test_retry_on_the_last_attempt_dead_letters() -> None:
+    # The server would not redeliver after max_deliver: a nak here would strand the event.
+    outcome = decide(Retry(2.5, "bank busy"), attempt=5, max_deliver=5, policy=POLICY)
+    assert (outcome.action, outcome.dead_letter, outcome.reason) == (Action.TERM, True, "retries exhausted: bank busy")
+
+
+def test_explicit_delay_list_repeats_its_last_entry() -> None:
+    policy = RetryPolicy(delays_s=(0.1, 1.0, 5.0))
+    assert [policy.delay_s(a) for a in (1, 2, 3, 4, 9)] == [0.1, 1.0, 5.0, 5.0, 5.0]
 
 
 @pytest.mark.parametrize("exc", [Reject("card stolen"), MalformedEvent("body is not JSON"), NoRoute("no route")])
