@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from engine import Context, Event
 
@@ -42,3 +43,14 @@ async def attempts(event: Event, ctx: Context) -> Event:
     """A Pong that records which delivery attempt produced it and in which process."""
     return Event(type="Pong", data={**event.data, "attempt": ctx.attempt, "pid": os.getpid()},
                  aggregate_id=event.aggregate_id)
+
+
+async def die(event: Event, ctx: Context) -> None:
+    """Kill the worker process on the spot (a poison message), exit code from ``data.code``."""
+    os._exit(int(event.data.get("code", 9)))
+
+
+async def blocking_sleep(event: Event, ctx: Context) -> Event:
+    """Block the worker's event loop for ``data.sleep_s`` seconds: a handler no drain can interrupt."""
+    time.sleep(float(event.data.get("sleep_s", 0)))
+    return _pong(event)

@@ -114,6 +114,8 @@ def write_config(directory: Path, url: str, services: dict[str, dict[str, Any]] 
         "services": {svc: {"stream": stream_name, **DEFAULT_SERVICE, **keys}
                      for svc, keys in (services or {"echo": {}}).items()},
         "log": {"level": "info", "format": "json"},
+        # Probes on loopback and a free port: engines of several tests may run at the same time.
+        "http": {"host": "127.0.0.1", "port": 0},
     }
     if supervisor:
         raw["supervisor"] = supervisor
