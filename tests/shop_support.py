@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from engine import Context, Event
 from engine.breaker import Breaker
 from engine.state import MemoryState, Mutation, Value, mutate_with_cas
 from handlers.saga import ORDER_PLACED
+from tests.support import App
 
 SHOP_YAML = Path(__file__).resolve().parent.parent / "config" / "shop.yaml"
 _orders = itertools.count(1)
@@ -65,3 +69,31 @@ class InterleavedState:
 
 def breaker(fail_max: int = 5, reset_timeout_s: float = 30.0) -> Breaker:
     return Breaker("payment_gateway", fail_max=fail_max, reset_timeout_s=reset_timeout_s)
+
+
+def write_shop_config(directory: Path, url: str, workers: Mapping[str, int] | None = None,
+                      gateway: Mapping[str, Any] | None = None, breaker_reset_s: float = 1.0) -> App:
+    """config/shop.yaml made private to one test: own stream, subject prefix, DLQ, files; fast retries.
+
+    The KV buckets keep their names (handlers name them); tests keep apart by unique order ids and skus.
+    """
+    raw: dict[str, Any] = yaml.safe_load(SHOP_YAML.read_text())
+    uid = uuid.uuid4().hex[:10]
+    prefix, stream = f"shop{uid}", f"SHOP{uid.upper()}"
+    raw["app"] = f"shop-{uid}"
+    raw["subject_prefix"] = prefix
+    raw["nats"] = {"url": url, "reconnect_wait_s": 0.25, "publish_timeout_s": 5}
+    raw["streams"] = [{"name": stream, "subjects": [f"{prefix}.>"], "storage": "file", "duplicate_window_s": 600}]
+    raw["dead_letter"] = {"stream": f"DLQ{stream}", "subject_prefix": f"dlq{prefix}"}
+    raw["breakers"]["payment_gateway"]["reset_timeout_s"] = breaker_reset_s
+    raw["log"] = {"level": "info", "format": "json"}
+    for name, svc in raw["services"].items():
+        svc.update(stream=stream, workers=(workers or {}).get(name, 1), idle_heartbeat_s=1, pull_expires_s=5,
+                   drain_timeout_s=5, retry={"base_s": 0.1, "max_s": 1.0})
+    payments = raw["services"]["payments"]["settings"]["gateway"]
+    payments.update(ledger=str(directory / "gateway" / "ledger.sqlite"),
+                    control_file=str(directory / "gateway" / "control.json"), **(gateway or {}))
+    raw["services"]["audit"]["settings"]["db_path"] = str(directory / "audit.sqlite")
+    path = directory / f"shop-{uid}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return App(path, url, stream, prefix, raw)
