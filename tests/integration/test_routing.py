@@ -129,3 +129,27 @@ def test_redelivered_input_republishes_outputs_that_are_deduplicated(make_config
     assert len(failures) >= len(sent)
     assert {f["event_id"] for f in failures} == {e.id for e in sent}
     assert all(f["outcome"] == "retry" and f["reason"].startswith("PublishError") for f in failures), failures[0]
+
+
+def test_deduplication_only_holds_within_the_duplicate_window(make_config: Callable[..., App],
+                                                              engine: StartEngine) -> None:
+    """What the engine guarantees is one stored Pong per Ping id *within the stream's duplicate
+    window*: the same input handled again after the window stores a second Pong with the same id, so
+    downstream consumers that need exactly-once must still dedupe by event id."""
+    app = make_config(stream={"duplicate_window_s": 1})
+    run = engine(app)
+    ping = pings(1)
+    publish(app, ping, msg_ids=["copy-1"])
+    wait_for(lambda: count(app, "Pong") == 1, 60, "the first Pong", detail=run.tail)
+
+    # Wait until the server has forgotten the ids of everything stored before this probe.
+    probe = pings(1)
+    publish(app, probe, msg_ids=["probe"])
+    wait_for(lambda: not publish(app, probe, msg_ids=["probe"])[0].get("duplicate"), 30,
+             "the duplicate window to pass", interval_s=0.25)
+
+    publish(app, ping, msg_ids=["copy-2"])
+    wait_for(lambda: count(app, "Pong") >= 3, 60, "the Pongs of the late copy and the probes", detail=run.tail)
+    wait_for(lambda: settled(app, "echo"), 60, "the consumer to settle", detail=run.tail)
+    pong_ids = [p.id for p in read(app, "Pong")]
+    assert pong_ids.count(derived_id(ping[0].id, 0)) == 2

@@ -1,0 +1,38 @@
+"""`jetpool run` with no NATS URL starts its own nats-server, serves with it, and stops it by PID."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
+
+from tests.support import App, Engine, count, expected_pong_ids, pings, publish, read, settled, wait_for
+
+
+def test_run_without_url_uses_an_embedded_broker(make_config: Callable[..., App], engine: Callable[..., Engine],
+                                                 tmp_path: Path) -> None:
+    store = tmp_path / "embedded-store"
+    app = make_config(nats_options={"url": None, "store_dir": str(store)})
+    run = engine(app)
+    started = run.records("embedded.started")
+    assert len(started) == 1
+    url, broker_pid = started[0]["url"], started[0]["pid"]
+    assert url.startswith("nats://127.0.0.1:")
+    assert started[0]["store_dir"] == str(store)
+    assert psutil.Process(broker_pid).ppid() == run.pid  # the supervisor's own child
+
+    live = replace(app, url=url)
+    sent = pings(50)
+    publish(live, sent)
+    wait_for(lambda: count(live, "Pong") >= 50, 60, "50 Pongs", detail=run.tail)
+    wait_for(lambda: settled(live, "echo"), 60, "the consumer to settle", detail=run.tail)
+    assert {p.id for p in read(live, "Pong")} == expected_pong_ids(sent)
+    assert (store / "jetstream").is_dir()  # the store is where the config says
+
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(60) == 0, run.tail()
+    assert run.records("embedded.stopped")[0]["pid"] == broker_pid
+    wait_for(lambda: not psutil.pid_exists(broker_pid), 10, "the embedded nats-server to be gone")
