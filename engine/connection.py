@@ -66,10 +66,10 @@ def connect_options(cfg: NatsConfig, env: Mapping[str, str] | None = None) -> di
         "pending_size": 64 * 1024 * 1024,
         **_auth_options(env),
     }
-    tls = _tls_context(env)
+    handshake_first = env.get("JETPOOL_NATS_TLS_HANDSHAKE_FIRST", "").lower() in {"1", "true"}
+    tls = _tls_context(env) or (ssl.create_default_context() if handshake_first else None)
     if tls is not None:
-        options["tls"] = tls
-        options["tls_handshake_first"] = env.get("JETPOOL_NATS_TLS_HANDSHAKE_FIRST", "").lower() in {"1", "true"}
+        options["tls"], options["tls_handshake_first"] = tls, handshake_first
     if env.get("JETPOOL_NATS_INBOX_PREFIX"):
         options["inbox_prefix"] = env["JETPOOL_NATS_INBOX_PREFIX"]
     return options
@@ -85,7 +85,7 @@ def _auth_options(env: Mapping[str, str]) -> dict[str, Any]:
         options["token"] = token
     for variable, option in (("JETPOOL_NATS_CREDS", "user_credentials"), ("JETPOOL_NATS_NKEY_SEED", "nkeys_seed")):
         if env.get(variable):
-            _readable(variable, env[variable])
+            _check_readable(variable, env[variable])
             options[option] = env[variable]
             if importlib.util.find_spec("nkeys") is None:
                 raise BrokerError(f"{variable} needs the 'nkeys' package: pip install nkeys")
@@ -106,6 +106,15 @@ def _readable(variable: str, path: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
         raise BrokerError(f"{variable}: cannot read {path}: {reason}") from None
+
+
+def _check_readable(variable: str, path: str) -> None:
+    # Only opened: nats-py reads seeds itself, into buffers it wipes after signing.
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise BrokerError(f"{variable}: cannot read {path}: {exc.strerror}") from None
 
 
 def _tls_context(env: Mapping[str, str]) -> ssl.SSLContext | None:
@@ -162,6 +171,9 @@ async def connect(cfg: NatsConfig, name: str, *, reconnected_cb: Callback | None
             await error_cb(exc)
         elif connected and _is_refusal(exc):  # a refused connect is reported once, by the BrokerError
             log.warning("nats.refused", error=_scrub(str(exc), options))
+        elif not connected and isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
+            # nats-py keeps trying an unreachable server (max_reconnect_attempts < 0): say why we wait.
+            log.warning("nats.connect_failed", url=where, error=_scrub(f"{type(exc).__name__}: {exc}", options))
 
     # nats-py retries the *first* connect forever when max_reconnect_attempts < 0, even on an
     # authorization error; connect once without reconnects so bad input fails fast and clearly,
@@ -200,16 +212,19 @@ def _explain(exc: BaseException, options: Mapping[str, Any], env: Mapping[str, s
     if isinstance(exc, ssl.SSLError):
         reason = str(exc.reason or exc)
         if any(part in reason for part in _CLIENT_CERT_REFUSED):
-            return (f"TLS: the server refused the client certificate ({reason}); check JETPOOL_NATS_TLS_CERT "
-                    "and JETPOOL_NATS_TLS_KEY")
+            return f"TLS: the server refused the client certificate ({reason}); {_client_cert_hint(env)}"
         return f"TLS handshake failed: {reason}"
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if isinstance(exc, ConnectionError | EOFError) and "tls" in options:
-        # With TLS 1.3 a refused client certificate often shows up as a plain reset, not an alert.
-        hint = ("did it accept the client certificate of JETPOOL_NATS_TLS_CERT?" if env.get("JETPOOL_NATS_TLS_CERT")
-                else "if it requires client certificates, set JETPOOL_NATS_TLS_CERT and JETPOOL_NATS_TLS_KEY")
-        return f"{text} (TLS: the server closed the connection during the handshake; {hint})"
+        # With TLS 1.3 a refused client certificate shows up as an alert or, as often, as a plain reset.
+        return f"{text} (TLS: the server closed the connection during the handshake; {_client_cert_hint(env)})"
     return text
+
+
+def _client_cert_hint(env: Mapping[str, str]) -> str:
+    if env.get("JETPOOL_NATS_TLS_CERT"):
+        return "is JETPOOL_NATS_TLS_CERT signed by a CA the server trusts?"
+    return "if the server requires client certificates, set JETPOOL_NATS_TLS_CERT and JETPOOL_NATS_TLS_KEY"
 
 
 def _is_refusal(exc: BaseException) -> bool:

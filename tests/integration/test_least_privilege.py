@@ -1,0 +1,195 @@
+"""The shipped least-privilege nats-server configuration, on a real server with the shop provisioned:
+a service may publish its own events but not another service's, and its real worker runs with it.
+
+The server is this module's own: random port, store in a temp dir, passwords in its environment,
+killed by PID in teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import yaml
+
+from engine.embedded import EmbeddedServer
+from engine.events import MSG_ID_HEADER, Event
+from tests.support import REPO_ROOT, App, Engine, run_cli, wait_for
+
+CONF = REPO_ROOT / "config" / "nats-server-least-privilege.conf"
+SHOP = REPO_ROOT / "config" / "shop.yaml"
+USERS = ("admin", "storefront", "orders", "payments", "inventory", "notifications", "audit")
+STORE_LINE = 'store_dir: "/data/jetstream"'
+
+
+@dataclass(frozen=True)
+class Shop:
+    """A server running the shipped configuration, the shop provisioned on it by the admin user."""
+
+    server: EmbeddedServer
+    app: App
+    passwords: dict[str, str]
+
+    def env(self, user: str) -> dict[str, str]:
+        """The engine's environment for ``user`` (services keep their replies under their own inbox prefix)."""
+        env = {"JETPOOL_NATS_USER": user, "JETPOOL_NATS_PASSWORD": self.passwords[user]}
+        if user != "admin":
+            env["JETPOOL_NATS_INBOX_PREFIX"] = f"_INBOX_{user}"
+        return env
+
+    def violations(self) -> list[str]:
+        log = (self.server.store_dir / "nats-server.log").read_text(errors="replace")
+        return [line for line in log.splitlines() if "Violation" in line]
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+    directory = tmp_path_factory.mktemp("least-privilege")
+    conf = CONF.read_text()
+    assert STORE_LINE in conf, "the test removes the store_dir line (EmbeddedServer passes -sd)"
+    (directory / "nats.conf").write_text(conf.replace(STORE_LINE, ""))
+    passwords = {user: secrets.token_urlsafe(12) for user in USERS}
+    server = EmbeddedServer(store_dir=directory / "nats", config_file=directory / "nats.conf")
+    with pytest.MonkeyPatch.context() as mp:  # the server reads its passwords from its environment
+        for user, password in passwords.items():
+            mp.setenv(f"NATS_{user.upper()}_PASSWORD", password)
+        server.start()
+    try:
+        shop = Shop(server, _shop_config(directory, server.url), passwords)
+        result = run_cli(["provision", "-c", str(shop.app.path)], env=shop.env("admin"))
+        assert result.returncode == 0, result.stderr
+        yield shop
+    finally:
+        server.kill()
+
+
+def _shop_config(directory: Path, url: str) -> App:
+    """config/shop.yaml pointed at the server, with the payment gateway's files in the temp dir."""
+    raw = yaml.safe_load(SHOP.read_text())
+    raw["nats"] = {"url": url, "reconnect_wait_s": 0.25}
+    gateway = raw["services"]["payments"]["settings"]["gateway"]
+    gateway.update(ledger=str(directory / "ledger.sqlite"), control_file=str(directory / "control.json"),
+                   decline_rate=0.0, failure_rate=0.0)
+    path = directory / "shop.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return App(path, url, "SHOP", "shop", raw)
+
+
+# ---- plain nats-py clients -------------------------------------------------------------------------
+
+
+async def _as(shop: Shop, user: str, work: Callable[[Any, list[str]], Awaitable[Any]]) -> Any:
+    """Run ``work(nc, errors)`` on a connection of ``user``; ``errors`` collects asynchronous errors."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(shop.server.url, user=user, password=shop.passwords[user], error_cb=on_error,
+                            inbox_prefix=shop.env(user).get("JETPOOL_NATS_INBOX_PREFIX", "_INBOX"),
+                            allow_reconnect=False, connect_timeout=5)
+    try:
+        return await work(nc, errors)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def as_user(shop: Shop, user: str, work: Callable[[Any, list[str]], Awaitable[Any]]) -> Any:
+    return asyncio.run(_as(shop, user, work))
+
+
+def counts(shop: Shop) -> dict[str, int]:
+    """Messages per subject in SHOP and DLQ, read by the admin."""
+
+    async def work(nc: Any, _: list[str]) -> dict[str, int]:
+        js, out = nc.jetstream(), {}
+        for stream, subjects in (("SHOP", "shop.>"), ("DLQ", "dlq.>")):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                out.update((await js.stream_info(stream, subjects_filter=subjects)).state.subjects or {})
+        return out
+
+    result: dict[str, int] = as_user(shop, "admin", work)
+    return result
+
+
+def order(order_id: str, **data: Any) -> Event:
+    line = {"order_id": order_id, "customer_id": "c-1", "sku": "widget", "qty": 1, "amount_cents": 1999, **data}
+    return Event(type="OrderPlaced", data={k: v for k, v in line.items() if v is not None}, aggregate_id=order_id)
+
+
+async def _wait_for_error(errors: list[str], text: str) -> str:
+    """The first error that mentions ``text`` (nats-py lower-cases the server's message)."""
+    for _ in range(100):
+        found = next((e for e in errors if text.lower() in e.lower()), None)
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no error mentioning {text!r}; errors: {errors}")
+
+
+# ---- the tests -------------------------------------------------------------------------------------
+
+
+def test_a_service_may_publish_its_own_events_and_no_one_elses(shop: Shop) -> None:
+    before = counts(shop)
+    event = Event(type="PaymentAuthorized", data={"order_id": "lp-1"}, aggregate_id="lp-1")
+
+    async def work(nc: Any, errors: list[str]) -> list[str]:
+        js = nc.jetstream()
+        ack = await js.publish("shop.PaymentAuthorized", event.encode(), headers={MSG_ID_HEADER: event.id})
+        assert ack.stream == "SHOP"
+        # Refused by the server: no PubAck comes back, the error callback hears why.
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.publish("shop.OrderConfirmed", event.encode(), timeout=0.5)
+        await nc.publish("$JS.API.CONSUMER.MSG.NEXT.SHOP.orders", b'{"batch": 1}', reply=nc.new_inbox())
+        await nc.subscribe("shop.>")
+        await nc.flush()
+        return [await _wait_for_error(errors, f'Publish to "{subject}"') for subject in
+                ("shop.OrderConfirmed", "$JS.API.CONSUMER.MSG.NEXT.SHOP.orders")] + \
+               [await _wait_for_error(errors, 'Subscription to "shop.>"')]
+
+    refusals = as_user(shop, "payments", work)
+    assert all("permissions violation" in r.lower() for r in refusals), refusals
+
+    after = counts(shop)
+    assert after.get("shop.PaymentAuthorized", 0) == before.get("shop.PaymentAuthorized", 0) + 1
+    assert after.get("shop.OrderConfirmed", 0) == before.get("shop.OrderConfirmed", 0)
+
+
+def test_the_payments_service_runs_as_its_own_user(shop: Shop, engine: Callable[..., Engine]) -> None:
+    before, refused_before = counts(shop), len(shop.violations())
+    run = engine(shop.app, env={**shop.env("payments"), "JETPOOL_HTTP_PORT": "0"},
+                 args=["--service", "payments", "--no-provision"], workers=1)
+    good, bad = order("lp-good"), order("lp-bad", sku=None)  # no sku: rejected, dead-lettered
+
+    async def place(nc: Any, _: list[str]) -> None:
+        for event in (good, bad):
+            await nc.jetstream().publish("shop.OrderPlaced", event.encode(), headers={MSG_ID_HEADER: event.id})
+
+    as_user(shop, "storefront", place)
+
+    def grew(subject: str) -> bool:
+        return counts(shop).get(subject, 0) > before.get(subject, 0)
+
+    wait_for(lambda: grew("shop.PaymentAuthorized") and grew("dlq.payments"), 60,
+             "a PaymentAuthorized and a dead letter from the payments service", detail=run.tail)
+    assert not run.records("nats.refused")
+    assert shop.violations()[refused_before:] == []
+    assert not [r for r in run.records() if r.get("level") == "error"], run.tail()
+
+
+def test_the_admin_password_is_not_in_the_shipped_file() -> None:
+    # Passwords are variables the server resolves from its environment, never literals in the file.
+    assert os.path.getsize(CONF) > 0
+    for line in CONF.read_text().splitlines():
+        if "password:" in line and not line.lstrip().startswith("#"):
+            assert "password: $NATS_" in line, line

@@ -1,0 +1,294 @@
+"""NATS authentication and TLS on real nats-servers: the engine connects with the right credentials,
+fails with a clear message (exit code 2) with wrong ones, and never prints a secret.
+
+Every server here is this module's own (random port, store in tmp_path), killed by PID in teardown.
+Certificates are made per module with the ``openssl`` command line; NKeys with the ``nkeys`` package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import NatsConfig
+from engine.connection import connect
+from engine.embedded import EmbeddedServer
+from engine.errors import BrokerError
+from engine.events import MSG_ID_HEADER
+from tests.support import App, Engine, pings, run_cli, wait_for, write_config
+
+StartServer = Callable[[Path, str], EmbeddedServer]
+
+
+@pytest.fixture
+def secure_server() -> Iterator[StartServer]:
+    """Start nats-servers with a given configuration text; each is SIGKILLed by PID in teardown."""
+    started: list[EmbeddedServer] = []
+
+    def start(directory: Path, conf: str) -> EmbeddedServer:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "nats.conf").write_text(conf)
+        server = EmbeddedServer(store_dir=directory / "store", config_file=directory / "nats.conf")
+        started.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.kill()
+
+
+# ---- certificates ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed, plus a client
+    certificate signed by another CA (which the server must refuse)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+
+    def client_env(self, ca: bool = True, cert: bool = True, rogue: bool = False) -> dict[str, str]:
+        env = {"JETPOOL_NATS_TLS_CA": str(self.ca)} if ca else {}
+        if cert:
+            env["JETPOOL_NATS_TLS_CERT"] = str(self.rogue_cert if rogue else self.client_cert)
+            env["JETPOOL_NATS_TLS_KEY"] = str(self.rogue_key if rogue else self.client_key)
+        return env
+
+    def server_tls(self, handshake_first: bool = False) -> str:
+        return (f'tls {{\n  cert_file: "{self.server_cert}"\n  key_file: "{self.server_key}"\n'
+                f'  ca_file: "{self.ca}"\n  verify: true\n  timeout: 5\n'
+                f'  handshake_first: {str(handshake_first).lower()}\n}}\n')
+
+
+def _openssl(directory: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=30)
+
+
+def _make_ca(directory: Path, name: str) -> None:
+    _openssl(directory, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN=jetpool test {name}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+
+def _make_leaf(directory: Path, ca: str, name: str, extensions: str) -> None:
+    (directory / f"{name}.ext").write_text(
+        f"{extensions}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    _openssl(directory, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+    _openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-set_serial", str(secrets.randbits(63)), "-days", "2", "-out", f"{name}.pem",
+             "-extfile", f"{name}.ext")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    d = tmp_path_factory.mktemp("pki")
+    _make_ca(d, "ca")
+    _make_ca(d, "rogue-ca")
+    _make_leaf(d, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
+    _make_leaf(d, "ca", "client", "extendedKeyUsage=clientAuth")
+    _make_leaf(d, "rogue-ca", "rogue", "extendedKeyUsage=clientAuth")
+    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key",
+               d / "rogue.pem", d / "rogue.key")
+
+
+# ---- credentials -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Auth:
+    """A server's authorization block, and client environments with the right and a wrong secret."""
+
+    conf: str
+    right: dict[str, str]
+    wrong: dict[str, str]
+    variable: str  # the variable the failure message must name
+    secrets: tuple[str, ...]  # values that must never be printed
+
+
+def password_auth(directory: Path) -> Auth:
+    password, wrong = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    (directory / "password").write_text(password + "\n")  # as a mounted Kubernetes secret may end
+    return Auth(f'authorization {{ user: jetpool, password: "{password}" }}\n',
+                right={"JETPOOL_NATS_USER": "jetpool", "JETPOOL_NATS_PASSWORD_FILE": str(directory / "password")},
+                wrong={"JETPOOL_NATS_USER": "jetpool", "JETPOOL_NATS_PASSWORD": wrong},
+                variable="JETPOOL_NATS_PASSWORD", secrets=(password, wrong))
+
+
+def token_auth(directory: Path) -> Auth:
+    token, wrong = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    (directory / "token").write_text(wrong)
+    return Auth(f'authorization {{ token: "{token}" }}\n', right={"JETPOOL_NATS_TOKEN": token},
+                wrong={"JETPOOL_NATS_TOKEN_FILE": str(directory / "token")}, variable="JETPOOL_NATS_TOKEN",
+                secrets=(token, wrong))
+
+
+def nkey_auth(directory: Path) -> Auth:
+    nkeys = pytest.importorskip("nkeys", reason="NKey authentication needs the nkeys package")
+    seeds = []
+    for name in ("user.nk", "other.nk"):
+        seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER).decode()
+        (directory / name).write_text(seed)
+        seeds.append(seed)
+    public = nkeys.from_seed(bytearray(seeds[0].encode())).public_key.decode()
+    return Auth(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n',
+                right={"JETPOOL_NATS_NKEY_SEED": str(directory / "user.nk")},
+                wrong={"JETPOOL_NATS_NKEY_SEED": str(directory / "other.nk")},
+                variable="JETPOOL_NATS_NKEY_SEED", secrets=tuple(seeds))
+
+
+def assert_no_secret(text: str, values: tuple[str, ...] | list[str]) -> None:
+    for value in values:
+        assert value not in text, "a secret was printed"
+
+
+def provision(app: App, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``jetpool provision`` at debug level, so that even debug logging is checked for secrets."""
+    return run_cli(["provision", "-c", str(app.path), "--log-level", "debug"], env=env)
+
+
+# ---- clients over the engine's own connect ---------------------------------------------------------
+
+
+async def _with_connection(url: str, env: dict[str, str], work: Callable[[Any], Any]) -> Any:
+    nc = await connect(NatsConfig(url=url, connect_timeout_s=5), "security-test", env=env)
+    try:
+        return await work(nc.jetstream())
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def connects(url: str, env: dict[str, str]) -> bool:
+    """True if the engine's own connect succeeds and JetStream answers on the connection."""
+
+    async def work(js: Any) -> bool:
+        return bool(await js.account_info())
+
+    return bool(asyncio.run(_with_connection(url, env, work)))
+
+
+# ---- the tests -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_auth", [password_auth, token_auth, nkey_auth], ids=["password", "token", "nkey"])
+def test_credentials_from_the_environment(make_auth: Callable[[Path], Auth], secure_server: StartServer,
+                                          tmp_path: Path) -> None:
+    auth = make_auth(tmp_path)
+    server = secure_server(tmp_path / "nats", auth.conf)
+    app = write_config(tmp_path, server.url)
+
+    assert connects(server.url, auth.right)
+
+    wrong = provision(app, auth.wrong)
+    assert wrong.returncode == 2, wrong.stderr
+    assert "authorization violation" in wrong.stderr and auth.variable in wrong.stderr, wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    assert_no_secret(wrong.stdout + wrong.stderr, auth.secrets)
+
+
+def test_no_credentials_for_a_server_that_wants_them(secure_server: StartServer, tmp_path: Path) -> None:
+    auth = password_auth(tmp_path)
+    app = write_config(tmp_path, secure_server(tmp_path / "nats", auth.conf).url)
+    result = provision(app, {})
+    assert result.returncode == 2
+    assert "authorization violation" in result.stderr and "none given" in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def tls_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """A server that requires TLS with a client certificate signed by the test CA (and no password)."""
+    directory = tmp_path_factory.mktemp("tls-nats")
+    (directory / "nats.conf").write_text(pki.server_tls())
+    server = EmbeddedServer(store_dir=directory / "store", config_file=directory / "nats.conf")
+    try:
+        yield server.start()
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize(("client", "expected"), [
+    ({"ca": True, "cert": True}, None),
+    ({"ca": True, "cert": False}, "set JETPOOL_NATS_TLS_CERT"),
+    ({"ca": True, "cert": True, "rogue": True}, "JETPOOL_NATS_TLS_CERT"),
+    ({"ca": False, "cert": True}, "the server's certificate is not trusted"),
+], ids=["right", "no-client-cert", "client-cert-of-another-ca", "server-not-trusted"])
+def test_tls_with_client_certificates(client: dict[str, bool], expected: str | None, pki: Pki,
+                                      tls_server: EmbeddedServer, tmp_path: Path) -> None:
+    env = pki.client_env(**client)
+    if expected is None:
+        assert connects(tls_server.url, env)
+        return
+    result = provision(write_config(tmp_path, tls_server.url), env)
+    assert result.returncode == 2, result.stderr
+    assert "TLS" in result.stderr and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tls_configured_refuses_a_server_without_tls(pki: Pki, nats_server: EmbeddedServer) -> None:
+    async def attempt() -> None:
+        await connect(NatsConfig(url=nats_server.url, connect_timeout_s=5), "tls-test", env=pki.client_env())
+
+    with pytest.raises(BrokerError, match="does not use TLS; refusing an unencrypted connection"):
+        asyncio.run(attempt())
+
+
+def test_tls_handshake_first(pki: Pki, secure_server: StartServer, tmp_path: Path) -> None:
+    server = secure_server(tmp_path / "nats", pki.server_tls(handshake_first=True))
+    assert connects(server.url, {**pki.client_env(), "JETPOOL_NATS_TLS_HANDSHAKE_FIRST": "1"})
+
+
+# ---- a whole engine with authentication and TLS ----------------------------------------------------
+
+
+def _publish_pings(app: App, env: dict[str, str], n: int) -> None:
+    async def work(js: Any) -> None:
+        for event in pings(n):
+            await js.publish(app.subject(event.type), event.encode(), headers={MSG_ID_HEADER: event.id})
+
+    asyncio.run(_with_connection(app.url, env, work))
+
+
+def _count(app: App, env: dict[str, str], event_type: str) -> int:
+    async def work(js: Any) -> int:
+        info = await js.stream_info(app.stream, subjects_filter=app.subject(event_type))
+        return int(sum((info.state.subjects or {}).values()))
+
+    return int(asyncio.run(_with_connection(app.url, env, work)))
+
+
+def test_engine_runs_with_password_and_mutual_tls(pki: Pki, secure_server: StartServer,
+                                                  engine: Callable[..., Engine], tmp_path: Path) -> None:
+    auth = password_auth(tmp_path)
+    server = secure_server(tmp_path / "nats", auth.conf + pki.server_tls())
+    app = write_config(tmp_path, server.url)
+    env = {**auth.right, **pki.client_env()}
+
+    run = engine(app, env={**env, "JETPOOL_HTTP_PORT": "0"}, args=["--log-level", "debug"])
+    _publish_pings(app, env, 5)
+    wait_for(lambda: _count(app, env, "Pong") >= 5, 60, "5 Pongs from the engine", detail=run.tail)
+
+    assert _count(app, env, "Pong") == 5
+    assert run.records("worker.started")
+    assert not run.records("nats.refused")
+    assert_no_secret(run.log_text(), auth.secrets)
