@@ -46,7 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the config and import every route's handler")
     check.add_argument("-c", "--config", required=True, help="YAML config file")
     _dlq_parser(sub)
+    _shop_parsers(sub)
     return parser
+
+
+def _shop_parsers(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="run the shop end to end on this machine and check its invariants")
+    load = sub.add_parser("load", help="place orders on a running shop deployment and check its invariants")
+    for p in (demo, load):
+        p.add_argument("-c", "--config", default="config/shop.yaml", help="YAML config (default: %(default)s)")
+        p.add_argument("--nats-url", help="NATS URL; demo: none starts an embedded nats-server")
+        p.add_argument("--orders", type=int, default=2000, help="orders to place (default %(default)s)")
+        p.add_argument("--rate", type=float, default=250.0,
+                       help="orders/s offered, 0 = unthrottled (default %(default)s)")
+        p.add_argument("--skus", type=int, default=20,
+                       help="products; a tenth get too little stock (default %(default)s)")
+        p.add_argument("--seed", type=int, help="random seed of the orders")
+        p.add_argument("--stall-s", type=float, default=60.0, help="stop waiting when no order ended for this long")
+        p.add_argument("--failure-rate", type=float, metavar="F", help="gateway failure rate during the run (0..1)")
+        p.add_argument("--outage", metavar="START:DURATION", help="gateway outage window in seconds, e.g. 3:5")
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
+    demo.add_argument("--log-file", default=".jetpool/demo-engine.log", help="engine output (default %(default)s)")
+    demo.add_argument("--breaker-reset-s", type=float, metavar="S",
+                      help="override the payment_gateway breaker's reset timeout for the demo")
+    audit = sub.add_parser("audit", help="print an order's audit timeline, or rebuild the audit store")
+    audit.add_argument("target", metavar="ORDER_ID|rebuild", help="an order id, or 'rebuild' to replay the stream")
+    audit.add_argument("-c", "--config", default="config/shop.yaml", help="YAML config (default: %(default)s)")
+    audit.add_argument("--nats-url", help="NATS URL for rebuild; none: start an embedded nats-server")
+    audit.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
 
 
 def _dlq_parser(sub: Any) -> None:
@@ -176,6 +203,38 @@ def _print(value: Any, as_json: bool) -> None:
             print(line)
 
 
+def _plan(args: argparse.Namespace) -> Any:
+    from engine import demo
+
+    outage = demo.parse_outage(args.outage) if args.outage else None
+    return demo.Plan(orders=args.orders, rate=args.rate, skus=args.skus, failure_rate=args.failure_rate,
+                     outage=outage, stall_s=args.stall_s, seed=args.seed)
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from engine import demo
+
+    return await demo.run_demo(load(args), _plan(args), Path(args.log_file), args.breaker_reset_s)
+
+
+async def cmd_load(args: argparse.Namespace) -> int:
+    from engine import demo
+
+    cfg = load(args)
+    if not cfg.nats.url:
+        raise JetpoolError("load drives a running deployment: give --nats-url (or nats.url / JETPOOL_NATS_URL)")
+    return await demo.run_load(cfg, _plan(args))
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    from engine import shop_cli
+
+    if args.target != "rebuild":
+        return await shop_cli.show_timeline(load_config(args.config), args.target)
+    async with broker(load(args)) as live:
+        return await shop_cli.rebuild(live)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     for service in cfg.services:
@@ -189,13 +248,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return cmd_check(args)
-        cfg_level = "info" if not getattr(args, "log_level", None) else args.log_level
+        quiet = args.command in ("demo", "load", "audit")  # their output is a report, not a log
+        cfg_level = getattr(args, "log_level", None) or ("warning" if quiet else "info")
         configure_logging(cfg_level)
-        commands = {"run": cmd_run, "provision": cmd_provision, "dlq": cmd_dlq}
+        commands = {"run": cmd_run, "provision": cmd_provision, "dlq": cmd_dlq, "demo": cmd_demo, "load": cmd_load,
+                    "audit": cmd_audit}
         return uvloop.run(commands[args.command](args))
     except (JetpoolError, LookupError) as exc:
         print(f"jetpool: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # demo, load, audit: Ctrl-C after their cleanup ran
+        return 130
 
 
 if __name__ == "__main__":

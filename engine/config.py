@@ -81,6 +81,7 @@ class NatsConfig(_Frozen):
     connect_timeout_s: PosFloat = 5.0
     reconnect_wait_s: PosFloat = 1.0
     max_reconnect_attempts: int = -1
+    connect_attempts: PosInt = 10
     publish_timeout_s: PosFloat = 10.0
 
 

@@ -152,7 +152,7 @@ def _ssl_reason(exc: BaseException) -> str:
 async def connect(cfg: NatsConfig, name: str, *, reconnected_cb: Callback | None = None,
                   disconnected_cb: Callback | None = None, closed_cb: Callback | None = None,
                   error_cb: Callable[[Exception], Awaitable[None]] | None = None,
-                  env: Mapping[str, str] | None = None) -> Any:
+                  env: Mapping[str, str] | None = None, first_attempts: int | None = None) -> Any:
     """Open a connection; raise BrokerError with a message that names the URL but no secret.
 
     Asynchronous errors go to ``error_cb``; without one, refusals (a missing permission, revoked
@@ -176,11 +176,14 @@ async def connect(cfg: NatsConfig, name: str, *, reconnected_cb: Callback | None
             log.warning("nats.connect_failed", url=where, error=_scrub(f"{type(exc).__name__}: {exc}", options))
 
     # nats-py retries the *first* connect forever when max_reconnect_attempts < 0, even on an
-    # authorization error; connect once without reconnects so bad input fails fast and clearly,
-    # then turn reconnection on for the life of the connection.
+    # authorization error: connect without reconnects (bad credentials fail at once) and with a
+    # bounded number of attempts (a wrong URL fails after nats.connect_attempts; workers pass -1 and
+    # wait for the broker), then restore the configured reconnect behaviour for the connection's life.
+    attempts = cfg.connect_attempts if first_attempts is None else first_attempts
     try:
         nc = await nats.connect(name=name, reconnected_cb=reconnected_cb, disconnected_cb=disconnected_cb,
-                                closed_cb=closed_cb, error_cb=on_error, **{**options, "allow_reconnect": False})
+                                closed_cb=closed_cb, error_cb=on_error,
+                                **{**options, "allow_reconnect": False, "max_reconnect_attempts": attempts})
     except Exception as exc:
         raise BrokerError(f"cannot connect to {where}: {_scrub(_explain(exc, options, env), options)}") from None
     if "tls" in options and not _server_requires_tls(nc):
@@ -188,6 +191,7 @@ async def connect(cfg: NatsConfig, name: str, *, reconnected_cb: Callback | None
         raise BrokerError(f"cannot connect to {where}: TLS is configured (JETPOOL_NATS_TLS_*) but the server "
                           "does not use TLS; refusing an unencrypted connection")
     nc.options["allow_reconnect"] = True
+    nc.options["max_reconnect_attempts"] = cfg.max_reconnect_attempts
     connected = True
     return nc
 

@@ -31,6 +31,7 @@ from nats.js.errors import NotFoundError
 
 from engine.config import Config
 from engine.dispatch import ack_metadata
+from engine.errors import JetpoolError
 from engine.events import MSG_ID_HEADER, Event
 from engine.metrics import DEAD_LETTERED
 from engine.outcome import Outcome
@@ -75,8 +76,12 @@ class DeadLetters:
 
     @classmethod
     async def open(cls, config: Config, publisher: Publisher, js: Any) -> DeadLetters:
-        stores = await open_buckets(js, {FAILURES_BUCKET: _FailuresBucket()}, create=True)
-        store = stores[FAILURES_BUCKET]
+        """Open the writer; without the first-failure bucket (never provisioned) entries lack that time."""
+        try:
+            store = (await open_buckets(js, {FAILURES_BUCKET: FAILURES_BUCKET_CONFIG}, create=False))[FAILURES_BUCKET]
+        except JetpoolError:
+            log.warning("dlq.no_failures_bucket", bucket=FAILURES_BUCKET, hint="run 'jetpool provision'")
+            store = None
         return cls(config, publisher, store if isinstance(store, KVState) else None)
 
     async def note_failure(self, reply: str, service: str) -> None:
@@ -140,12 +145,15 @@ class DeadLetters:
 
 
 @dataclass(frozen=True)
-class _FailuresBucket:
+class FailuresBucket:
     """Config of the first-failure bucket: small and in memory; losing it only loses first-failure times."""
 
     history: int = 1
     storage: str = "memory"
     replicas: int = 1
+
+
+FAILURES_BUCKET_CONFIG = FailuresBucket()
 
 
 async def watch_advisories(nc: Any, config: Config, service: str, dead_letters: DeadLetters) -> Any:

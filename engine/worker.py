@@ -95,7 +95,7 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
 
     router = build_router(cfg, service)
     nc = await connect(cfg.nats, name=f"{cfg.app}.{service}.{spec.index}", reconnected_cb=reconnected,
-                       disconnected_cb=disconnected, closed_cb=closed)
+                       disconnected_cb=disconnected, closed_cb=closed, first_attempts=-1)
     publisher = Publisher(nc, cfg.subject_prefix, cfg.nats.publish_timeout_s)
     await publisher.start()
     resources = await open_resources(nc, cfg, service)
