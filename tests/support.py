@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from engine.events import MSG_ID_HEADER, Event, derived_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HANDLERS = "tests.handlers_fixture"
+TAG_VARIABLE = "TESTS_ENGINE_TAG"
 
 T = TypeVar("T")
 
@@ -301,11 +301,14 @@ class Engine:
     proc: subprocess.Popen[bytes] | None = None
     # (pid, create_time) of every descendant ever seen, so teardown can find orphans safely.
     seen: set[tuple[int, float]] = field(default_factory=set)
+    # Inherited by every process of the tree: identifies orphans beyond doubt before they are killed.
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def start(self) -> Engine:
         command = [sys.executable, "-m", "engine", "run", "-c", str(self.config), *self.args]
+        env = engine_env({**self.env, TAG_VARIABLE: self.tag})
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=out, cwd=REPO_ROOT, env=engine_env(self.env),
+            self.proc = subprocess.Popen(command, stdout=out, stderr=out, cwd=REPO_ROOT, env=env,
                                          start_new_session=True)
         return self
 
@@ -407,6 +410,18 @@ class Engine:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"engine did not exit within {timeout_s}s\n{self.tail()}") from None
 
+    def _logged_orphans(self, known: set[int]) -> list[psutil.Process]:
+        """Processes the log says this tree started (workers, an embedded broker) that outlived the
+        supervisor unseen; a PID only counts if its process carries this engine's tag."""
+        pids = {r.get("pid") for r in self.records("worker.spawned") + self.records("embedded.started")}
+        out = []
+        for pid in pids - known - {None}:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if proc.environ().get(TAG_VARIABLE) == self.tag:
+                    out.append(proc)
+        return out
+
     def kill_tree(self) -> None:
         """SIGSTOP the supervisor (no respawns), SIGKILL it and every descendant by PID, reap them."""
         if self.proc is None:
@@ -423,6 +438,7 @@ class Engine:
                 proc = psutil.Process(pid)
                 if proc.create_time() == created:
                     procs.append(proc)
+        procs += self._logged_orphans({p.pid for p in procs})
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
@@ -430,12 +446,3 @@ class Engine:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
 
-
-def kill_pid(pid: int | None, timeout_s: float = 10.0) -> None:
-    """SIGKILL one process by PID (if it still exists) and wait for it."""
-    if pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(psutil.Error):
-        psutil.Process(pid).wait(timeout_s)
