@@ -153,6 +153,11 @@ class Consumer:
     async def stop(self, drain_timeout_s: float) -> None:
         """Drain: stop pulling, give in-flight work until the deadline, release the rest."""
         self._stopping = True
+        # Dropping the inbox's interest makes the server cancel our open pull requests, so released
+        # messages go to other workers instead of bouncing back here (burning delivery attempts).
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
         deadline = self._loop.time() + drain_timeout_s
         while self._in_flight and self._loop.time() < deadline:
             await asyncio.sleep(_DRAIN_POLL_S)
@@ -235,6 +240,8 @@ class Consumer:
 
     async def _pull(self) -> None:
         """Ask for as many messages as fit the free part of the window, a batch per request."""
+        # Deliveries for requests already written off (missed heartbeats) can push credit below zero.
+        self._credit = max(self._credit, 0)
         while not self._stopping and self._nc.is_connected and not self._parked and self.breakers_closed:
             want = self._window - len(self._in_flight) - self._credit
             if want < self._threshold:

@@ -62,7 +62,7 @@ def dlq_stream_config(config: Config) -> api.StreamConfig:
 def ack_location(reply: str) -> tuple[str, int]:
     """(stream, stream sequence) from a ``$JS.ACK`` subject."""
     tokens = reply.split(".")
-    stream = tokens[4] if len(tokens) >= 12 else tokens[2]
+    stream = tokens[4] if len(tokens) >= 11 else tokens[2]
     return stream, ack_metadata(reply)[1]
 
 

@@ -617,9 +617,11 @@ async def _demo_on(cfg: Config, plan: Plan, log_path: Path, breaker_reset_s: flo
     engine = EngineProcess(cfg.source, str(cfg.nats.url), log_path, env)
     console.print(f"jetpool demo: broker {cfg.nats.url}, {len(cfg.services)} services in {workers} worker "
                   f"processes (log: {log_path})")
-    if breaker_reset_s is not None:
-        console.print(f"payment_gateway breaker reset timeout: {breaker_reset_s:g}s (config: "
-                      f"{cfg.breakers['payment_gateway'].reset_timeout_s:g}s)")
+    breaker = cfg.breakers.get("payment_gateway")
+    reset_s = breaker_reset_s if breaker_reset_s is not None else breaker.reset_timeout_s if breaker else None
+    if plan.outage is not None and reset_s is not None:
+        console.print(f"the payment_gateway breaker waits {reset_s:g}s before each trial after it opens"
+                      + ("" if breaker_reset_s is not None else " (--breaker-reset-s changes that)"))
     engine.start()
     try:
         await engine.wait_ready(workers)

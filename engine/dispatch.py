@@ -77,9 +77,9 @@ class Context:
 
 
 def ack_metadata(reply: str) -> tuple[int, int]:
-    """(num_delivered, stream_seq) from a ``$JS.ACK...`` subject, old (9 tokens) or new (12) format."""
+    """(num_delivered, stream_seq) from a ``$JS.ACK...`` subject, old (9 tokens) or new (11-12) format."""
     tokens = reply.split(".")
-    if len(tokens) >= 12:
+    if len(tokens) >= 11:
         return int(tokens[6]), int(tokens[7])
     if len(tokens) >= 9:
         return int(tokens[4]), int(tokens[5])

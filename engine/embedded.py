@@ -85,6 +85,9 @@ class EmbeddedServer:
         self.store_dir = Path(self.store_dir)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_file or self.store_dir / "nats-server.log"
+        if log_path.exists():
+            # A previous run's "Server is ready" line must not make this start look ready early.
+            log_path.rename(log_path.with_suffix(f".{time.time_ns()}.log"))
         args = [find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)]
         if self.config_file:
             args += ["-c", str(self.config_file)]
@@ -137,10 +140,6 @@ class EmbeddedServer:
     def restart(self) -> EmbeddedServer:
         """Stop and start again on the same port with the same store."""
         self.stop()
-        # The log is appended to; forget the old "ready" line by rotating it.
-        log_path = self.log_file or self.store_dir / "nats-server.log"
-        if log_path.exists():
-            log_path.rename(log_path.with_suffix(f".{int(time.time() * 1000)}.log"))
         return self.start()
 
     def __enter__(self) -> EmbeddedServer:
