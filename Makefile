@@ -13,7 +13,14 @@ $(BIN)/jetpool: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-install: $(BIN)/jetpool
+# promtool (Prometheus' checker, used by the metrics and dashboard tests) from Debian's package,
+# unpacked into the venv without installing the Prometheus server.
+$(BIN)/promtool: | $(BIN)/jetpool
+	@tmp=$$(mktemp -d) && cd $$tmp && \
+	  (apt-get download prometheus >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null)) && \
+	  dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$(BIN)/promtool && rm -rf $$tmp
+
+install: $(BIN)/jetpool $(BIN)/promtool
 
 demo: install
 	$(BIN)/jetpool run -c config/shop.yaml

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
 import urllib.error
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.metrics import EXPORTED_METRICS
 from tests.support import HANDLERS, App, Engine, count, pings, publish, wait_for
+from tests.unit.test_dashboard import promtool
 
 StartEngine = Callable[..., Engine]
 
@@ -75,9 +75,8 @@ def test_one_aggregated_metrics_endpoint_for_all_workers(make_config: Callable[.
     # Both workers contributed to the one endpoint.
     pids = {r["pid"] for r in run.records("worker.started")}
     assert len(pids) == 2
-    if shutil.which("promtool"):
-        checked = subprocess.run(["promtool", "check", "metrics"], input=text, text=True, capture_output=True)
-        assert checked.returncode == 0, checked.stdout + checked.stderr
+    checked = subprocess.run([promtool(), "check", "metrics"], input=text, text=True, capture_output=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
     # A killed worker is restarted and counted; counters of the dead process stay in the total.
     victim = next(iter(pids))

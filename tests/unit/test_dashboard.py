@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,14 @@ def test_panels_use_the_datasource_variable_and_have_unique_ids() -> None:
     assert dashboard["uid"] == "jetpool"
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def promtool() -> str:
+    """promtool from PATH or the venv (``make install`` unpacks it there from Debian's package)."""
+    found = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.fail("promtool is missing: run 'make install' (it unpacks Debian's promtool into .venv/bin)")
+    return found
+
+
 def test_prometheus_parses_every_query(tmp_path: Path) -> None:
     grafana = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$service": ".*"}
     rules = []
@@ -152,5 +160,5 @@ def test_prometheus_parses_every_query(tmp_path: Path) -> None:
         rules.append({"record": f"dashboard:query:{i}", "expr": expr})
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
