@@ -290,10 +290,13 @@ class ShopLoad:
         rate = {} if self.plan.failure_rate is None else {"failure_rate": self.plan.failure_rate}
         await asyncio.sleep(start_s)
         control.write(outage=True, **rate)
-        self.console.log(f"gateway outage started ({duration_s:g}s)")
+        self._note(f"gateway outage started ({duration_s:g}s)")
         await asyncio.sleep(duration_s)
         control.write(**rate)
-        self.console.log("gateway outage ended")
+        self._note("gateway outage ended")
+
+    def _note(self, text: str) -> None:
+        self.console.print(f"[dim]t+{time.monotonic() - self.started:.1f}s[/] {text}")
 
     # ---- waiting ----
 
@@ -323,7 +326,7 @@ class ShopLoad:
             if ended != last_count:
                 last_count, last_change = ended, now
             elif now - last_change > self.plan.stall_s:
-                self.console.log(f"no order ended for {self.plan.stall_s:g}s: giving up waiting")
+                self._note(f"no order ended for {self.plan.stall_s:g}s: giving up waiting")
                 return
 
     # ---- the report ----

@@ -68,8 +68,8 @@ class AuditStore(Protocol):
         """An order's records, oldest first."""
         ...
 
-    async def count(self) -> int:
-        """How many records (distinct events) are stored."""
+    async def count(self, order_prefix: str = "") -> int:
+        """How many records (distinct events) are stored, of orders whose id starts with ``order_prefix``."""
         ...
 
     async def clear(self) -> None:
@@ -120,8 +120,9 @@ class SqliteAuditStore:
         rows = await self._run(self._select, order_id)
         return [AuditRecord(r[0], r[1], r[2], r[3], r[4], int(r[5]), orjson.loads(r[6])) for r in rows]
 
-    async def count(self) -> int:
-        row = await self._run(lambda: self._db.execute("SELECT COUNT(*) FROM events").fetchone())
+    async def count(self, order_prefix: str = "") -> int:
+        query = "SELECT COUNT(*) FROM events WHERE substr(order_id, 1, ?) = ?"
+        row = await self._run(lambda: self._db.execute(query, (len(order_prefix), order_prefix)).fetchone())
         return int(row[0])
 
     async def clear(self) -> None:

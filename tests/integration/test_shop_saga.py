@@ -26,7 +26,7 @@ from handlers import inventory
 from handlers.gateway import ControlFile, SqliteLedger
 from handlers.saga import PRODUCERS
 from tests.shop_support import order_placed, write_shop_config
-from tests.support import App, Engine, count, publish, read, settled, wait_for
+from tests.support import App, Engine, count, publish, read, run_cli, settled, wait_for
 
 ORDERS = 200
 SERVICES = ("orders", "payments", "inventory", "notifications", "audit")
@@ -187,3 +187,28 @@ def test_audit_holds_every_distinct_event_once(run: Run) -> None:
     assert set(rows) == distinct
     copies = sum(len(events) for events in run.events.values())
     assert copies > len(distinct)  # duplicates did reach the audit service
+
+
+def test_jetpool_audit_prints_an_orders_timeline(run: Run) -> None:
+    oid = next(iter(run.per_order("OutOfStock")))
+    result = run_cli(["audit", "-c", str(run.app.path), oid], env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "│" in line]
+    types = [line.split("│")[3].strip() for line in lines]
+    assert types == ["OrderPlaced", "PaymentAuthorized", "OutOfStock", "PaymentRefunded", "OrderCancelled",
+                     "NotificationSent"]
+    assert "payments" in lines[1] and "charge_id=ch_" in lines[1]
+    assert run_cli(["audit", "-c", str(run.app.path), "no-such-order"]).returncode == 1
+
+
+def test_jetpool_audit_rebuild_replays_the_stream_into_an_empty_store(run: Run) -> None:
+    db = run.tmp / "audit.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM events WHERE rowid % 2 = 0")  # lose half of the store
+    result = run_cli(["audit", "-c", str(run.app.path), "rebuild", "--nats-url", run.app.url])
+    assert result.returncode == 0, result.stderr
+    distinct = {e.id for events in run.events.values() for e in events}
+    copies = sum(len(events) for events in run.events.values())
+    assert f"{copies} events replayed, {len(distinct)} distinct events stored" in " ".join(result.stdout.split())
+    with sqlite3.connect(db) as conn:
+        assert {row[0] for row in conn.execute("SELECT event_id FROM events")} == distinct
