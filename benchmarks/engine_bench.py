@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
-import psutil  # type: ignore[import-untyped]
+import psutil
 import yaml
 
 from benchmarks.floor import CREDIT, MAX_IN_FLIGHT, Mode
