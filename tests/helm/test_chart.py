@@ -10,8 +10,10 @@ the engine's own config loader, so the chart cannot produce a config the engine 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
+import posixpath
 import re
 import shutil
 from collections.abc import Iterator
@@ -24,11 +26,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from engine.config import apply_env_overrides, parse_config
+from engine.config import NatsConfig, apply_env_overrides, parse_config
+from engine.dispatch import build_router
+from engine.probes import STALE_S, STARTUP_GRACE_S
 from tests.helm.crd_schemas import CRD_SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "helm" / "jetpool"
+SHOP_CONFIG = ROOT / "config" / "shop.yaml"
 RELEASE, NAMESPACE = "shop", "shop"
 # The oldest version the chart supports (Chart.yaml kubeVersion) and the newest kubernetes-validate ships.
 KUBE_VERSIONS = ("1.30.0", "1.37.0")
@@ -54,12 +59,23 @@ ALL_FEATURES: dict[str, Any] = {
                             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
                                 "scaleDown": {"stabilizationWindowSeconds": 300}}}}},
             "natsAuth": {"existingSecret": "payments-creds", "credsKey": "payments.creds"},
-            "config": {"drain_timeout_s": 45.5, "max_in_flight": 512, "durable": "payments-v2"},
+            "config": {"drain_timeout_s": 45.5, "max_in_flight": 2048, "durable": "payments-v2"},
         },
         "orders": {"podDisruptionBudget": {"minAvailable": "50%"}, "strategy": {"type": "Recreate"},
                    "envFrom": [{"configMapRef": {"name": "orders-extra"}}]},
-        "audit": {"podDisruptionBudget": {"enabled": False}},
+        "audit": {"podDisruptionBudget": {"enabled": False}, "strategy": {"type": "Recreate"},
+                  "dataVolume": {"existingClaim": "audit-data"}},
     },
+}
+
+# One NATS user per service (docs/security.md): a hook Job provisions as admin, pods run --no-provision.
+LEAST_PRIVILEGE: dict[str, Any] = {
+    "nats": {
+        "auth": {"perService": True, "existingSecret": "nats-admin", "userKey": "user", "passwordKey": "password"},
+        "tls": {"existingSecret": "nats-client-tls"},
+    },
+    "serviceDefaults": {"natsAuth": {"userKey": "user", "passwordKey": "password"}},
+    "services": {name: {"natsAuth": {"existingSecret": f"nats-{name}"}} for name in DEFAULT_REPLICAS},
 }
 
 
@@ -109,7 +125,8 @@ class Rendered:
         return self.by_service("Deployment")[service]
 
     def config(self) -> dict[str, Any]:
-        (cm,) = [o for o in self.of("ConfigMap") if "config.yaml" in o["data"]]
+        (cm,) = [o for o in self.of("ConfigMap")
+                 if "config.yaml" in o["data"] and "helm.sh/hook" not in o["metadata"].get("annotations", {})]
         return yaml.safe_load(cm["data"]["config.yaml"])
 
 
@@ -150,7 +167,8 @@ def default(render: Any) -> Rendered:
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
-@pytest.mark.parametrize("values", [None, ALL_FEATURES], ids=["defaults", "all-features"])
+@pytest.mark.parametrize("values", [None, ALL_FEATURES, LEAST_PRIVILEGE],
+                         ids=["defaults", "all-features", "least-privilege"])
 def test_lint_is_clean_in_strict_mode(values: dict[str, Any] | None, kube_version: str) -> None:
     report = helm.lint(CHART_DIR, values, strict=True, kube_version=f"v{kube_version}")
     problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 = warning, 3 = error
@@ -224,6 +242,32 @@ def test_probes_ask_health_and_ready_on_port_8080(default: Rendered) -> None:
         assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
         for probe, path in (("livenessProbe", "/health"), ("startupProbe", "/health"), ("readinessProbe", "/ready")):
             assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+
+
+def test_probe_timings_fit_the_engines_grace_and_staleness(default: Rendered) -> None:
+    # engine/probes.py: /health is 200 while a worker is in its first STARTUP_GRACE_S, then only while its
+    # last beat is younger than STALE_S; /ready turns 503 as soon as a drain starts.
+    nats = NatsConfig()
+    provision_connect_s = nats.connect_attempts * (nats.connect_timeout_s + nats.reconnect_wait_s)
+    for deployment in default.of("Deployment"):
+        container = _container(deployment)
+        startup, liveness, readiness = (container[p] for p in ("startupProbe", "livenessProbe", "readinessProbe"))
+        for probe in (startup, liveness, readiness):
+            assert probe["timeoutSeconds"] <= probe["periodSeconds"]
+            # The engine's own grace covers a worker's first connect; a delay would only hide a stuck one.
+            assert probe.get("initialDelaySeconds", 0) == 0
+        # /health listens only once provisioning is done: the kubelet waits at least as long as jetpool's
+        # bounded connect, so an unreachable broker ends in jetpool's error message, not a probe kill.
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= provision_connect_s + 10
+        # Liveness checks at least once per staleness window, rides out a stall of a few windows, and
+        # restarts a stuck worker within a minute; a worker that never beats goes after its grace plus that.
+        window = liveness["periodSeconds"] * liveness["failureThreshold"]
+        assert liveness["periodSeconds"] <= STALE_S
+        assert window >= 2 * STALE_S and STALE_S + window <= 60
+        assert STARTUP_GRACE_S + window <= 120
+        # Readiness: a draining pod is out of the Service within 5 s, well before liveness would act.
+        assert readiness["periodSeconds"] * readiness["failureThreshold"] <= 5
+        assert readiness["periodSeconds"] < liveness["periodSeconds"]
 
 
 @pytest.mark.parametrize(("values", "sets", "service", "drain_s"), [
@@ -379,7 +423,165 @@ def test_the_engine_accepts_the_config_each_pod_gets(render: Any, values: dict[s
         assert service.workers == int(env[f"JETPOOL__SERVICES__{name.upper()}__WORKERS"])
         assert service.replicas == int(env[f"JETPOOL__SERVICES__{name.upper()}__REPLICAS"])
         assert config.nats.url == env["JETPOOL_NATS_URL"]
-    assert rendered.config()["services"]["payments"].get("max_in_flight") == (512 if values else None)
+        if name != "order-history":  # made up above; the shop's handlers must all import
+            build_router(config, name)
+    assert rendered.config()["services"]["payments"]["max_in_flight"] == (2048 if values else 512)
+
+
+def _file_settings(settings: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(key path, value) of every setting that names a file a handler writes."""
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            yield from _file_settings(value, f"{prefix}{key}.")
+        elif isinstance(value, str) and (key.endswith(("_path", "_file", "_dir")) or key == "ledger"
+                                         or value.endswith((".sqlite", ".db", ".json"))):
+            yield f"{prefix}{key}", value
+
+
+def _portable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without what a deployment sets for itself: broker, copies per NATS server, log format, file places."""
+    config = copy.deepcopy(config)
+    config.pop("nats", None)
+    for stream in config["streams"]:
+        stream.pop("replicas", None)
+    config["state"] = {name: {k: v for k, v in (bucket or {}).items() if k != "replicas"}
+                       for name, bucket in config.get("state", {}).items()}
+    config["dead_letter"] = {k: v for k, v in config.get("dead_letter", {}).items() if k != "replicas"}
+    config.get("log", {}).pop("format", None)
+    for service in config["services"].values():
+        for path, value in _file_settings(service.get("settings", {})):
+            *parents, key = path.split(".")
+            node = service["settings"]
+            for parent in parents:
+                node = node[parent]
+            node[key] = posixpath.basename(value)
+    return config
+
+
+def test_the_default_config_is_config_shop_yaml(default: Rendered) -> None:
+    shop = yaml.safe_load(SHOP_CONFIG.read_text())
+    deployed = default.config()
+    # Same services, routes, streams, buckets, breakers, settings and dead-letter stream...
+    assert _portable(deployed) == _portable(shop)
+    assert {name: s["routes"] for name, s in deployed["services"].items()} == {
+        name: s["routes"] for name, s in shop["services"].items()}
+    # ...and one Deployment per service of the shop.
+    assert set(default.by_service("Deployment")) == set(shop["services"]) == set(DEFAULT_REPLICAS)
+    # What differs is for a 3-server NATS cluster in Kubernetes.
+    assert "nats" not in deployed
+    assert {s["replicas"] for s in deployed["streams"]} == {3}
+    assert {b["replicas"] for b in deployed["state"].values()} == {3}
+    assert deployed["dead_letter"]["replicas"] == 3
+
+
+def test_the_values_config_block_is_generated_from_config_shop_yaml() -> None:
+    spec = importlib.util.spec_from_file_location("sync_config", ROOT / "helm" / "sync_config.py")
+    assert spec is not None and spec.loader is not None
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    values = (CHART_DIR / "values.yaml").read_text()
+    assert sync.synced(values, SHOP_CONFIG.read_text()) == values, "out of date: run python helm/sync_config.py"
+
+
+@pytest.mark.parametrize("values", [None, ALL_FEATURES], ids=["defaults", "all-features"])
+def test_files_the_handlers_write_are_on_a_writable_volume(render: Any, values: dict[str, Any] | None) -> None:
+    rendered = render(values)
+    config = rendered.config()
+    checked = set()
+    for name, deployment in rendered.by_service("Deployment").items():
+        container = _container(deployment)
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        writable = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"] if not m.get("readOnly")}
+        assert all("emptyDir" in v or "persistentVolumeClaim" in v for v in writable.values())
+        assert container["workingDir"] in writable  # relative paths land on a writable volume too
+        for key, path in _file_settings(config["services"][name].get("settings", {})):
+            resolved = posixpath.normpath(posixpath.join(container["workingDir"], path))
+            mounts = [m for m in writable if resolved.startswith(m.rstrip("/") + "/")]
+            # Not /tmp: that one holds the workers' metrics files and its sizeLimit is theirs.
+            assert mounts == ["/var/lib/jetpool"], f"services.{name}.settings.{key}: {path} is not writable"
+            checked.add(f"{name}.{key}")
+    assert checked == {"payments.gateway.ledger", "payments.gateway.control_file", "audit.db_path"}
+    claim = rendered.deployment("audit")["spec"]["template"]["spec"]["volumes"]
+    assert ({"name": "data", "persistentVolumeClaim": {"claimName": "audit-data"}} in claim) == bool(values)
+
+
+# --- least privilege: one NATS user per service -----------------------------------------------------------
+
+
+def _hook(rendered: Rendered, kind: str) -> dict[str, Any]:
+    (obj,) = [o for o in rendered.of(kind) if "helm.sh/hook" in o["metadata"].get("annotations", {})]
+    return obj
+
+
+def test_least_privilege_pods_skip_provisioning_and_read_their_own_replies(default: Rendered, render: Any) -> None:
+    rendered = render(LEAST_PRIVILEGE)
+    for name, deployment in rendered.by_service("Deployment").items():
+        container = _container(deployment)
+        assert container["args"] == ["run", "-c", "/etc/jetpool/config.yaml", "--service", name,
+                                     "--http-port", "8080", "--no-provision"]
+        env = _env(deployment)
+        assert env["JETPOOL_NATS_INBOX_PREFIX"] == f"_INBOX_{name}"
+        assert env["JETPOOL_NATS_USER"] == {"secretKeyRef": {"name": f"nats-{name}", "key": "user"}}
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["nats-auth"]["secret"]["secretName"] == f"nats-{name}"
+        assert "nats-admin" not in json.dumps(deployment)  # the admin user stays in the Job
+    for deployment in default.of("Deployment"):
+        assert "--no-provision" not in _container(deployment)["args"]
+        assert "JETPOOL_NATS_INBOX_PREFIX" not in _env(deployment)
+    assert default.of("Job") == []
+
+
+def test_least_privilege_provisions_once_per_release_in_a_hook_job_as_admin(render: Any) -> None:
+    rendered = render(LEAST_PRIVILEGE, "services.payments.replicas=5", "services.audit.enabled=false")
+    job, job_config_map = _hook(rendered, "Job"), _hook(rendered, "ConfigMap")
+    for hook in (job, job_config_map):
+        assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+        assert hook["metadata"]["annotations"]["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    # Hooks run before the release's objects exist: the Job brings its config, created before it.
+    weight = {o["kind"]: int(o["metadata"]["annotations"]["helm.sh/hook-weight"]) for o in (job, job_config_map)}
+    assert weight["ConfigMap"] < weight["Job"]
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert [*container["command"], *container["args"]] == ["jetpool", "provision", "-c", "/etc/jetpool/config.yaml"]
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] >= 1
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == job_config_map["metadata"]["name"]
+    assert volumes["nats-auth"]["secret"]["secretName"] == "nats-admin"
+    assert volumes["nats-tls"]["secret"]["secretName"] == "nats-client-tls"
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["JETPOOL_NATS_USER"] == {"secretKeyRef": {"name": "nats-admin", "key": "user"}}
+    assert env["JETPOOL_NATS_PASSWORD_FILE"] == "/etc/jetpool/nats/password"
+    assert env["JETPOOL_NATS_TLS_CA"] == "/etc/jetpool/tls/ca.crt"
+    assert "JETPOOL_NATS_INBOX_PREFIX" not in env and "JETPOOL_NATS_PASSWORD" not in env
+    # The consumers it creates are sized exactly as each service's pods size them, and only the services
+    # that have a Deployment get one.
+    job_raw = yaml.safe_load(job_config_map["data"]["config.yaml"])
+    pods_raw = rendered.config()
+    assert job_raw == {**pods_raw, "services": {n: s for n, s in pods_raw["services"].items() if n != "audit"}}
+    apply_env_overrides(job_raw, {k: v for k, v in env.items() if isinstance(v, str)})
+    job_config = parse_config(job_raw, source="provision job")
+    for name, deployment in rendered.by_service("Deployment").items():
+        raw = rendered.config()
+        apply_env_overrides(raw, {k: v for k, v in _env(deployment).items() if isinstance(v, str)})
+        pods = parse_config(raw, source=f"{name} pod").services[name]
+        assert job_config.services[name].effective_max_ack_pending == pods.effective_max_ack_pending, name
+    assert job_config.services["payments"].replicas == 5
+
+
+def test_the_provision_job_is_hardened_like_the_service_pods(render: Any) -> None:
+    rendered = render(LEAST_PRIVILEGE)
+    pod = _hook(rendered, "Job")["spec"]["template"]["spec"]
+    service_pod = rendered.deployment("orders")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == service_pod["securityContext"]
+    assert pod["containers"][0]["securityContext"] == _container(rendered.deployment("orders"))["securityContext"]
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["automountServiceAccountToken"] is False
+    # The chart's ServiceAccount does not exist yet when a pre-install hook runs.
+    assert "serviceAccountName" not in pod
+    tmp = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp["name"])
+    named = render(LEAST_PRIVILEGE, "serviceAccount.create=false", "serviceAccount.name=jetpool")
+    assert _hook(named, "Job")["spec"]["template"]["spec"]["serviceAccountName"] == "jetpool"
 
 
 # --- values the chart refuses --------------------------------------------------------------------------
@@ -399,6 +601,11 @@ def test_the_engine_accepts_the_config_each_pod_gets(render: Any, values: dict[s
     (("logLevel=loud",), "/logLevel"),
     (("httpPort=80",), "/httpPort"),
     (("replicaCount=3",), "replicaCount"),
+    (("nats.auth.perService=yes",), "/nats/auth/perService"),
+    (("services.provision.replicas=1",), "provision"),
+    (("config.http.enabled=false",), "/config/http/enabled"),
+    (("config.http.host=127.0.0.1",), "/config/http/host"),
+    (("services.audit.dataVolume.medium=Disk",), "/services/audit/dataVolume/medium"),
 ])
 def test_the_schema_rejects_bad_values(chart: helm.Chart, render: Any, sets: tuple[str, ...], complaint: str) -> None:
     values: dict[str, Any] = {}
@@ -418,6 +625,10 @@ def test_the_schema_rejects_bad_values(chart: helm.Chart, render: Any, sets: tup
      "maxReplicas (2) is below minReplicas (5)"),
     ({"nats": {"auth": {"existingSecret": "creds", "userKey": "user", "password": "inline"}}},
      "either existingSecret or inline credentials"),
+    ({"nats": {"auth": {"perService": True, "user": "admin", "password": "inline"}}},
+     "nats.auth.perService: nats.auth.existingSecret must name the admin user's Secret"),
+    (_merge(LEAST_PRIVILEGE, {"services": {"audit": {"natsAuth": {"existingSecret": ""}}}}),
+     "services.audit.natsAuth.existingSecret must name the Secret of the audit service's own NATS user"),
 ])
 def test_the_templates_refuse_inconsistent_values(render: Any, values: dict[str, Any], complaint: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=re.escape(complaint)):
@@ -429,6 +640,7 @@ def test_the_schema_itself_is_valid_draft_7_and_accepts_the_defaults(chart: helm
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.Draft7Validator(schema).validate(yaml.safe_load((CHART_DIR / "values.yaml").read_text()))
     chart.validate_schema(ALL_FEATURES)
+    chart.validate_schema(LEAST_PRIVILEGE)
 
 
 # --- every object against the Kubernetes schemas --------------------------------------------------------
@@ -457,12 +669,14 @@ def _validate(obj: dict[str, Any], kube_version: str) -> None:
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
-@pytest.mark.parametrize("values", [None, ALL_FEATURES, {"nats": {"auth": {"user": "u", "password": "p"}}}],
-                         ids=["defaults", "all-features", "inline-credentials"])
+@pytest.mark.parametrize("values", [None, ALL_FEATURES, {"nats": {"auth": {"user": "u", "password": "p"}}},
+                                    LEAST_PRIVILEGE],
+                         ids=["defaults", "all-features", "inline-credentials", "least-privilege"])
 def test_every_object_is_valid_kubernetes_in_strict_mode(
         render: Any, values: dict[str, Any] | None, kube_version: str) -> None:
     rendered = render(values)
     assert len(rendered.objects) >= 17
+    assert len(rendered.of("Job")) == (1 if values is LEAST_PRIVILEGE else 0)
     for obj in rendered.objects:
         _validate(obj, kube_version)
 

@@ -147,3 +147,112 @@ live in the Secret the chart creates. (dict "root" $ "svc" SERVICE) -> YAML.
 {{- toYaml (dict "secret" "") -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+How a pod reaches NATS: the URL, credentials and TLS, as environment, volume mounts and volumes.
+Secrets other than the user name are mounted as files, never put in the environment.
+Each takes (dict "root" $ "auth" AUTH), AUTH from jetpool.natsAuth.
+*/}}
+{{- define "jetpool.natsEnv" -}}
+{{- $tls := .root.Values.nats.tls -}}
+- name: JETPOOL_NATS_URL
+  value: {{ .root.Values.nats.url | quote }}
+{{- if .auth.user }}
+- name: JETPOOL_NATS_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ .auth.secret }}
+      key: {{ .auth.user }}
+{{- end }}
+{{- range $key, $var := dict "password" "JETPOOL_NATS_PASSWORD_FILE" "token" "JETPOOL_NATS_TOKEN_FILE" "creds" "JETPOOL_NATS_CREDS" "nkeySeed" "JETPOOL_NATS_NKEY_SEED" }}
+{{- if get $.auth $key }}
+- name: {{ $var }}
+  value: /etc/jetpool/nats/{{ get (include "jetpool.authFiles" $ | fromYaml) $key }}
+{{- end }}
+{{- end }}
+{{- if $tls.existingSecret }}
+{{- range $key, $var := dict "caKey" "JETPOOL_NATS_TLS_CA" "certKey" "JETPOOL_NATS_TLS_CERT" "keyKey" "JETPOOL_NATS_TLS_KEY" }}
+{{- if get $tls $key }}
+- name: {{ $var }}
+  value: /etc/jetpool/tls/{{ get (include "jetpool.tlsFiles" $ | fromYaml) $key }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "jetpool.authFiles" -}}
+{{- toYaml (dict "password" "password" "token" "token" "creds" "nats.creds" "nkeySeed" "nkey.seed") -}}
+{{- end -}}
+
+{{- define "jetpool.tlsFiles" -}}
+{{- toYaml (dict "caKey" "ca.crt" "certKey" "tls.crt" "keyKey" "tls.key") -}}
+{{- end -}}
+
+{{- define "jetpool.natsMounts" -}}
+{{- if or .auth.password .auth.token .auth.creds .auth.nkeySeed }}
+- name: nats-auth
+  mountPath: /etc/jetpool/nats
+  readOnly: true
+{{- end }}
+{{- if .root.Values.nats.tls.existingSecret }}
+- name: nats-tls
+  mountPath: /etc/jetpool/tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "jetpool.natsVolumes" -}}
+{{- $tls := .root.Values.nats.tls -}}
+{{- if or .auth.password .auth.token .auth.creds .auth.nkeySeed }}
+- name: nats-auth
+  secret:
+    secretName: {{ .auth.secret }}
+    defaultMode: 288  # 0440: readable by the pod's fsGroup, nobody else
+    items:
+      {{- range $key, $file := include "jetpool.authFiles" . | fromYaml }}
+      {{- with get $.auth $key }}
+      - key: {{ . }}
+        path: {{ $file }}
+      {{- end }}
+      {{- end }}
+{{- end }}
+{{- if $tls.existingSecret }}
+- name: nats-tls
+  secret:
+    secretName: {{ $tls.existingSecret }}
+    defaultMode: 288  # 0440
+    items:
+      {{- range $key, $file := include "jetpool.tlsFiles" . | fromYaml }}
+      {{- with get $tls $key }}
+      - key: {{ . }}
+        path: {{ $file }}
+      {{- end }}
+      {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* An emptyDir volume: (dict "name" NAME "spec" (dict "medium" .. "sizeLimit" ..)). */}}
+{{- define "jetpool.emptyDir" -}}
+{{- $spec := dict -}}
+{{- range $key := list "medium" "sizeLimit" -}}
+{{- with get ($.spec | default dict) $key -}}
+{{- $_ := set $spec $key . -}}
+{{- end -}}
+{{- end -}}
+- name: {{ .name }}
+  emptyDir: {{- if $spec }}{{ toYaml $spec | nindent 4 }}{{ else }} {}{{ end }}
+{{- end -}}
+
+{{/*
+The config the provision Job applies: the pods' config with only the services that have a Deployment,
+so no consumer is created that no pod reads.
+*/}}
+{{- define "jetpool.provisionConfig" -}}
+{{- $config := include "jetpool.config" . | fromYaml -}}
+{{- $services := dict -}}
+{{- range $name, $_ := include "jetpool.services" . | fromYaml -}}
+{{- $_ := set $services $name (get $config.services $name) -}}
+{{- end -}}
+{{- $_ := set $config "services" $services -}}
+{{- toYaml $config -}}
+{{- end -}}
