@@ -19,6 +19,7 @@ import itertools
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -168,20 +169,19 @@ class Event:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise MalformedEvent(f"body is not JSON: {exc}") from None
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:
             raise MalformedEvent(f"body must be a JSON object, got {type(obj).__name__}")
-        _check_fields(obj)
-        return cls(
-            type=obj["type"],
-            data=obj["data"],
-            aggregate_id=obj.get("aggregate_id") or "",
-            id=obj["id"],
-            timestamp=obj.get("timestamp") or "",
-            trace_id=obj.get("trace_id") or "",
-            causation_id=obj.get("causation_id"),
-            correlation_id=obj.get("correlation_id"),
-            v=obj.get("v", SCHEMA_VERSION),
-        )
+        get: Callable[..., Any] = obj.get
+        id_, type_, data, aggregate_id = get("id"), get("type"), get("data"), get("aggregate_id", "")
+        timestamp, trace_id, v = get("timestamp", ""), get("trace_id", ""), get("v", SCHEMA_VERSION)
+        causation_id, correlation_id = get("causation_id"), get("correlation_id")
+        # One pass of exact type checks for the common case; the slow path says what is wrong.
+        if not (type(id_) is str and id_ and type(type_) is str and type_ and type(data) is dict
+                and type(aggregate_id) is str and type(timestamp) is str and type(trace_id) is str
+                and (causation_id is None or type(causation_id) is str)
+                and (correlation_id is None or type(correlation_id) is str) and type(v) is int):
+            _check_fields(obj)
+        return cls(type_, data, aggregate_id, id_, timestamp, trace_id, causation_id, correlation_id, v)
 
 
 def _check_fields(obj: dict[str, Any]) -> None:
