@@ -27,7 +27,7 @@ import queue
 import resource
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,7 +37,7 @@ import uvloop
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from benchmarks.prefill import DURABLE, OUT_SUBJECT, OUT_TYPE, STREAM, BenchError
+from benchmarks.prefill import ACK_WAIT_S, DURABLE, OUT_SUBJECT, OUT_TYPE, STREAM, BenchError
 from engine.events import MSG_ID_HEADER, SCHEMA_VERSION, derived_id, now_iso
 
 Mode = Literal["consume", "process"]
@@ -54,6 +54,7 @@ MISSED_HEARTBEATS = 2
 TICK_S = 0.005
 READY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 10.0
+STALL_TIMEOUT_S = 2 * ACK_WAIT_S + 5.0
 ACK = b"+ACK"
 NAK = b"-NAK"
 STATUS = "Status"
@@ -61,28 +62,30 @@ PENDING_MSGS = "Nats-Pending-Messages"
 _NS = 1_000_000_000
 
 
-def output_event(parent: dict[str, Any]) -> tuple[str, bytes]:
-    """The BenchOut event for one decoded input: its id (``derived_id``) and its encoded body.
+def output_envelope(parent: dict[str, Any]) -> dict[str, Any]:
+    """The BenchOut event for one decoded input, as the envelope's JSON object.
 
-    Built as a plain dict with the envelope's fields rather than through ``Event``, whose constructor
-    draws an id and a trace id that ``caused_by`` would overwrite at once: the floor pays only for
-    what an output must contain.
+    Built as a plain dict rather than through ``Event``, whose constructor draws an id and a trace
+    id that ``caused_by`` would overwrite at once: the floor pays only for what an output contains.
+    It carries the input's data, as the engine's benchmark handler does, so outputs weigh the same.
     """
-    out_id = derived_id(parent["id"], 0)
-    body = orjson.dumps(
-        {
-            "id": out_id,
-            "type": OUT_TYPE,
-            "aggregate_id": parent.get("aggregate_id", ""),
-            "data": {},
-            "timestamp": now_iso(),
-            "trace_id": parent.get("trace_id", ""),
-            "causation_id": parent["id"],
-            "correlation_id": parent.get("correlation_id") or parent["id"],
-            "v": SCHEMA_VERSION,
-        }
-    )
-    return out_id, body
+    return {
+        "id": derived_id(parent["id"], 0),
+        "type": OUT_TYPE,
+        "aggregate_id": parent.get("aggregate_id", ""),
+        "data": parent.get("data", {}),
+        "timestamp": now_iso(),
+        "trace_id": parent.get("trace_id", ""),
+        "causation_id": parent["id"],
+        "correlation_id": parent.get("correlation_id") or parent["id"],
+        "v": SCHEMA_VERSION,
+    }
+
+
+def output_event(parent: dict[str, Any]) -> tuple[str, bytes]:
+    """The BenchOut event for one decoded input: its id (the ``Nats-Msg-Id``) and its encoded body."""
+    envelope = output_envelope(parent)
+    return envelope["id"], orjson.dumps(envelope)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,8 +123,8 @@ class Progress:
         if not self.t_first:
             self.t_first = time.monotonic()
 
-    def ack(self) -> None:
-        self.acked += 1
+    def ack(self, n: int = 1) -> None:
+        self.acked += n
         self.t_last = time.monotonic()
 
     def report(self) -> dict[str, Any]:
@@ -158,10 +161,10 @@ async def wait_for_go(spec: WorkerSpec) -> None:
         raise BenchError("the parent never said go")
 
 
-def child_entry(spec: WorkerSpec, main: Callable[[WorkerSpec], Awaitable[dict[str, Any]]]) -> None:
+def child_entry(spec: WorkerSpec, main: Callable[[WorkerSpec], Coroutine[Any, Any, dict[str, Any]]]) -> None:
     """Run one worker's ``main`` under uvloop and report its result or its traceback."""
     try:
-        result = uvloop.run(main(spec))
+        result: dict[str, Any] = uvloop.run(main(spec))
         spec.reports.put(("result", result))
     except BaseException:
         spec.reports.put(("error", traceback.format_exc()))
@@ -206,8 +209,9 @@ def run_workers(
 def _collect(
     spec: WorkerSpec, procs: list[multiprocessing.context.SpawnProcess], kind: str, timeout_s: float
 ) -> list[dict[str, Any]]:
-    """Wait for one ``kind`` report from every worker; fail fast on an error or a dead worker."""
+    """Wait for one ``kind`` report from every worker; fail fast on an error, a death or a stall."""
     deadline = time.monotonic() + timeout_s
+    watch = _StallWatch(spec.total)
     got: list[dict[str, Any]] = []
     while len(got) < len(procs):
         if time.monotonic() > deadline:
@@ -215,15 +219,41 @@ def _collect(
         try:
             got_kind, payload = spec.reports.get(timeout=0.2)
         except queue.Empty:
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise BenchError(f"worker {dead[0].name} died with exit code {dead[0].exitcode}") from None
+            _check_alive(procs)
+            watch.check()
             continue
         if got_kind == "error":
             raise BenchError(f"worker failed:\n{payload}")
         if got_kind == kind:
             got.append(payload)
     return got
+
+
+def _check_alive(procs: list[multiprocessing.context.SpawnProcess]) -> None:
+    dead = [p for p in procs if p.exitcode not in (None, 0)]
+    if dead:
+        raise BenchError(f"worker {dead[0].name} died with exit code {dead[0].exitcode}")
+
+
+@dataclass
+class _StallWatch:
+    """Fails a run whose shared total stopped moving.
+
+    Longer than the consumer's ack_wait, so an input lost by a worker and redelivered still counts
+    as progress; an input terminated by a framework's error policy never comes back, and without
+    this the run would only end at its overall timeout.
+    """
+
+    total: Any  # multiprocessing.Value("q")
+    last: int = -1
+    since: float = field(default_factory=time.monotonic)
+
+    def check(self) -> None:
+        now, value = time.monotonic(), self.total.value
+        if value != self.last:
+            self.last, self.since = value, now
+        elif now - self.since > STALL_TIMEOUT_S:
+            raise BenchError(f"no progress for {STALL_TIMEOUT_S}s at {value} acked inputs")
 
 
 def _stop(procs: list[multiprocessing.context.SpawnProcess]) -> None:
@@ -281,12 +311,16 @@ class FloorWorker:
         mode: ``consume`` acks each input; ``process`` publishes an output first.
         credit: messages asked for per pull request; a new request goes out at half of it.
         max_in_flight: bound on requested-but-undelivered plus delivered-but-unacked inputs.
+        expires_s: lifetime of one pull request on the server.
+        idle_heartbeat_s: how often the server says it still holds a request nothing was sent for.
     """
 
     nc: Client
     mode: Mode
     credit: int = CREDIT
     max_in_flight: int = MAX_IN_FLIGHT
+    expires_s: float = PULL_EXPIRES_S
+    idle_heartbeat_s: float = IDLE_HEARTBEAT_S
     progress: Progress = field(default_factory=Progress)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     outstanding: int = 0
@@ -307,14 +341,16 @@ class FloorWorker:
 
     async def pull(self) -> None:
         """Ask for as many messages as credit and the in-flight bound allow."""
+        # Deliveries for requests the watchdog already wrote off can push the count below zero.
+        self.outstanding = max(self.outstanding, 0)
         room = self.max_in_flight - self.outstanding - len(self.unacked)
         batch = min(self.credit - self.outstanding, room)
         if batch <= 0 or self.done.is_set():
             return
         request = {
             "batch": batch,
-            "expires": int(PULL_EXPIRES_S * _NS),
-            "idle_heartbeat": int(IDLE_HEARTBEAT_S * _NS),
+            "expires": int(self.expires_s * _NS),
+            "idle_heartbeat": int(self.idle_heartbeat_s * _NS),
         }
         self.outstanding += batch
         self._last_seen = time.monotonic()
@@ -386,9 +422,9 @@ class FloorWorker:
 
     async def watchdog(self) -> None:
         """Forget credit the server stopped heartbeating about, then pull again."""
-        silence_s = MISSED_HEARTBEATS * IDLE_HEARTBEAT_S + 1.0
+        silence_s = MISSED_HEARTBEATS * self.idle_heartbeat_s + 1.0
         while not self.done.is_set():
-            await asyncio.sleep(IDLE_HEARTBEAT_S)
+            await asyncio.sleep(self.idle_heartbeat_s)
             if self.outstanding and time.monotonic() - self._last_seen > silence_s:
                 self.outstanding = 0
                 await self.pull()

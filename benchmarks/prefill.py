@@ -10,6 +10,7 @@ before any contender starts: its cost is not part of any measurement, but it mus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 import nats
@@ -162,9 +163,7 @@ async def _publish_inputs(nc: Client, n: int, pad_n: int) -> None:
         raise BenchError(f"{len(window.errors)} of {n} events not stored, first: {window.errors[0]}")
 
 
-async def create_consumer(
-    url: str, durable: str = DURABLE, max_ack_pending: int = MAX_ACK_PENDING
-) -> None:
+async def create_consumer(url: str, durable: str = DURABLE, max_ack_pending: int = MAX_ACK_PENDING) -> None:
     """Create the durable pull consumer every contender reads BenchIn events from.
 
     An existing consumer of that name is deleted first, so a run starts with every event of the
@@ -175,10 +174,8 @@ async def create_consumer(
     try:
         await ensure_stream(nc)
         js = nc.jetstream()
-        try:
+        with contextlib.suppress(NotFoundError):
             await js.delete_consumer(STREAM, durable)
-        except NotFoundError:
-            pass
         await js.add_consumer(
             STREAM,
             ConsumerConfig(
@@ -191,4 +188,3 @@ async def create_consumer(
         )
     finally:
         await nc.close()
-
