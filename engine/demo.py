@@ -152,6 +152,22 @@ class Tracker:
         if order_id in self.placed_at and order_id not in self.ended:
             self.ended[order_id] = (now, body["type"], str(body.get("data", {}).get("reason", "")))
 
+    def steady_rate(self) -> float:
+        """Orders ended per second over the last three quarters of the placing period.
+
+        While orders are being placed at a rate, this is the rate at which they end: equal to the
+        offered rate when the system keeps up, its capacity when it does not. (The overall rate also
+        counts the tail after the last order was placed, so it reads low for short runs.)
+        """
+        if len(self.placed_at) < 2:
+            return 0.0
+        first, last = min(self.placed_at.values()), max(self.placed_at.values())
+        start = first + (last - first) / 4
+        if last - start < 1.0:
+            return 0.0
+        ended = sum(1 for at, _, _ in self.ended.values() if start <= at <= last)
+        return ended / (last - start)
+
     def latencies_ms(self) -> list[float]:
         return sorted((at - self.placed_at[oid]) * 1000 for oid, (at, _, _) in self.ended.items() if at)
 
@@ -207,6 +223,35 @@ class Outcome:
         return all(ok for ok, _ in self.lines)
 
 
+@dataclass(frozen=True)
+class Summary:
+    """The numbers of one run. Latencies are placed → ended, in milliseconds."""
+
+    orders: int
+    ended: int
+    span_s: float
+    orders_per_s: float
+    offered_per_s: float
+    steady_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    confirmed: int
+    declined: int
+    out_of_stock: int
+    dead_lettered: int
+
+    def render(self) -> str:
+        offered = "unthrottled" if not self.offered_per_s else f"offered {self.offered_per_s:g}/s, " \
+                                                                f"ended {self.steady_per_s:.0f}/s while placing"
+        return (f"[bold]{self.ended} of {self.orders} orders ended in {self.span_s:.1f}s: "
+                f"{self.orders_per_s:.0f} orders/s[/]  ({offered})\n"
+                f"  latency placed → ended: p50 {self.p50_ms:.0f} ms  p95 {self.p95_ms:.0f} ms  "
+                f"p99 {self.p99_ms:.0f} ms\n"
+                f"  confirmed {self.confirmed}   cancelled {self.declined + self.out_of_stock} (payment declined "
+                f"{self.declined}, out of stock {self.out_of_stock})   dead-lettered {self.dead_lettered}")
+
+
 class ShopLoad:
     """One load run against a live shop deployment.
 
@@ -222,6 +267,7 @@ class ShopLoad:
         self.console = console
         self.orders = Orders.make(plan)
         self.tracker = Tracker()
+        self.summary: Summary | None = None
         self.started = 0.0
         self._nc: Any = None
 
@@ -375,17 +421,15 @@ class ShopLoad:
         span_s = (max(ended_at) - self.started) if ended_at else 0.0
         latencies = self.tracker.latencies_ms()
         counts = Counter(kinds.values())
-        cancelled = counts["declined"] + counts["out_of_stock"]
+        self.summary = Summary(
+            orders=len(self.orders.events), ended=len(kinds), span_s=span_s,
+            orders_per_s=len(kinds) / span_s if span_s else 0.0, offered_per_s=self.plan.rate,
+            steady_per_s=self.tracker.steady_rate(),
+            p50_ms=percentile(latencies, 50), p95_ms=percentile(latencies, 95), p99_ms=percentile(latencies, 99),
+            confirmed=counts["confirmed"], declined=counts["declined"], out_of_stock=counts["out_of_stock"],
+            dead_lettered=len(dead))
         self.console.print()
-        self.console.print(f"[bold]{len(kinds)} of {len(self.orders.events)} orders ended in {span_s:.1f}s: "
-                           f"{len(kinds) / span_s if span_s else 0:.0f} orders/s[/]  (offered "
-                           f"{'unthrottled' if not self.plan.rate else f'{self.plan.rate:g}/s'})")
-        if latencies:
-            self.console.print("  latency placed → ended: " + "  ".join(
-                f"p{q} {percentile(latencies, q):.0f} ms" for q in (50, 95, 99)) + f"  max {latencies[-1]:.0f} ms")
-        self.console.print(f"  confirmed {counts['confirmed']}   cancelled {cancelled} (payment declined "
-                           f"{counts['declined']}, out of stock {counts['out_of_stock']})   "
-                           f"dead-lettered {len(dead)}")
+        self.console.print(self.summary.render())
 
     def _check_charges(self, outcome: Outcome, kinds: dict[str, str]) -> None:
         path = self._gateway_settings().get("ledger")
@@ -518,10 +562,13 @@ class EngineProcess:
         url: the broker.
         log_path: where its output goes.
         env: extra environment (e.g. ``JETPOOL__...`` overrides).
+        log_level: the config's log level (the engine logs at least ``info``).
     """
 
-    def __init__(self, config_path: str, url: str, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, config_path: str, url: str, log_path: Path, env: dict[str, str],
+                 log_level: str = "info") -> None:
         self.config_path = config_path
+        self.log_level = log_level
         self.url = url
         self.log_path = log_path
         self.env = env
@@ -530,8 +577,9 @@ class EngineProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Readiness is read from the log's worker.started lines, so the log keeps at least info level.
         command = [sys.executable, "-m", "engine", "run", "-c", self.config_path, "--nats-url", self.url,
-                   "--no-provision"]
+                   "--no-provision", "--log-level", "debug" if self.log_level == "debug" else "info"]
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=out, env={**os.environ, **self.env},
                                          start_new_session=True)
@@ -617,7 +665,7 @@ async def _demo_on(cfg: Config, plan: Plan, log_path: Path, breaker_reset_s: flo
     if breaker_reset_s is not None:
         env["JETPOOL__BREAKERS__PAYMENT_GATEWAY__RESET_TIMEOUT_S"] = str(breaker_reset_s)
     workers = sum(svc.workers for svc in cfg.services.values())
-    engine = EngineProcess(cfg.source, str(cfg.nats.url), log_path, env)
+    engine = EngineProcess(cfg.source, str(cfg.nats.url), log_path, env, cfg.log.level)
     console.print(f"jetpool demo: broker {cfg.nats.url}, {len(cfg.services)} services in {workers} worker "
                   f"processes (log: {log_path})")
     breaker = cfg.breakers.get("payment_gateway")

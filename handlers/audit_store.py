@@ -169,9 +169,10 @@ _stores: dict[str, SqliteAuditStore] = {}
 
 
 def open_store(path: str | Path) -> SqliteAuditStore:
-    """The process's store for ``path`` (opened once, then reused)."""
-    key = str(Path(path).resolve())
-    store = _stores.get(key)
+    """The process's store for ``path`` (opened once, then reused; looked up per event, so cheap)."""
+    store = _stores.get(str(path))
     if store is None:
-        store = _stores[key] = SqliteAuditStore(path)
+        resolved = str(Path(path).resolve())
+        store = _stores.get(resolved) or SqliteAuditStore(path)
+        _stores[str(path)] = _stores[resolved] = store
     return store

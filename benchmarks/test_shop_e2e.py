@@ -1,0 +1,157 @@
+"""End-to-end benchmark of the shop: orders/s through all five services, and latency against offered load.
+
+Runs config/shop.yaml as shipped (only file paths, the broker URL and the probes port changed) on a
+fresh embedded nats-server, with the engine as ``python -m engine run`` — the same process tree as
+``jetpool demo`` — and drives it with the demo's load generator, so every point also checks the
+invariants (no order lost, no double charge, stock consistent, audit complete).
+
+1. *Backlog drain*: all orders offered at once (``rate=0``); orders / time until the last one ended.
+   An upper bound: the services work through the backlog in phases and the load generator is idle.
+2. *Offered-load sweep* at fractions of that bound: p50/p99 placed → ended, and the rate at which
+   orders end while they are being placed (``steady_per_s``: the offered rate while the system keeps
+   up, its capacity once it does not). *Sustained throughput* is the highest such rate.
+3. *Half load*: one more point at half the sustained rate — the latency the issue asks about.
+
+Writes ``benchmarks/results/shop_e2e.json`` and ``shop_e2e.png`` (throughput and p50/p99 latency
+against offered load). Run it with ``make bench`` or
+``.venv/bin/pytest benchmarks/test_shop_e2e.py --benchmark-only -s``. Sizes can be set with
+``SHOP_BENCH_ORDERS`` (sustained run, default 6000) and ``SHOP_BENCH_POINT_S`` (seconds per load
+point, default 8).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+import yaml
+from rich.console import Console
+
+from engine.config import Config, load_config
+from engine.demo import EngineProcess, Plan, ShopLoad, Summary
+from engine.embedded import EmbeddedServer
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+SUSTAINED_ORDERS = int(os.environ.get("SHOP_BENCH_ORDERS", "6000"))
+POINT_S = float(os.environ.get("SHOP_BENCH_POINT_S", "8"))
+FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def shop_config(directory: Path, url: str) -> Path:
+    """config/shop.yaml with this run's broker, files under ``directory`` and a free probes port."""
+    raw: dict[str, Any] = yaml.safe_load((REPO / "config" / "shop.yaml").read_text())
+    raw["nats"] = {**raw.get("nats", {}), "url": url}
+    raw["http"] = {"host": "127.0.0.1", "port": 0}
+    raw["log"] = {"level": "warning", "format": "json"}
+    services = raw["services"]
+    services["payments"]["settings"]["gateway"].update(
+        ledger=str(directory / "ledger.sqlite"), control_file=str(directory / "control.json"))
+    services["audit"]["settings"]["db_path"] = str(directory / "audit.sqlite")
+    path = directory / "shop.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@contextmanager
+def shop(directory: Path) -> Iterator[Config]:
+    """A broker and the engine with all five services, stopped by PID afterwards."""
+    server = EmbeddedServer(store_dir=directory / "nats").start()
+    engine: EngineProcess | None = None
+    try:
+        path = shop_config(directory, server.url)
+        cfg = load_config(path)
+        engine = EngineProcess(str(path), server.url, directory / "engine.log", {})
+        uvloop.run(_provision(cfg))
+        engine.start()
+        uvloop.run(engine.wait_ready(sum(s.workers for s in cfg.services.values())))
+        yield cfg
+    finally:
+        if engine is not None:
+            engine.stop(timeout_s=30)
+        server.stop()
+
+
+async def _provision(cfg: Config) -> None:
+    from engine.cli import provision_only
+
+    await provision_only(cfg)
+
+
+def measure(cfg: Config, orders: int, rate: float, console: Console) -> Summary:
+    load = ShopLoad(cfg, Plan(orders=orders, rate=rate, stall_s=30), console)
+    code = uvloop.run(load.run())
+    assert load.summary is not None
+    assert code == 0, "an invariant failed: see the output above"
+    return load.summary
+
+
+def plot(points: list[Summary], drain: Summary, sustained: Summary, half: Summary, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted([*points, half], key=lambda p: p.offered_per_s)
+    offered = [p.offered_per_s for p in points]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    top.plot(offered, [p.steady_per_s for p in points], "o-", label="ended orders/s (while placing)")
+    top.plot(offered, offered, ":", color="grey", label="ended = offered")
+    top.axhline(sustained.steady_per_s, color="tab:green", ls="--",
+                label=f"sustained {sustained.steady_per_s:.0f}/s")
+    top.axhline(drain.orders_per_s, color="tab:red", ls="--", label=f"backlog drain {drain.orders_per_s:.0f}/s")
+    top.set_ylabel("orders/s")
+    top.legend(loc="upper left")
+    top.set_title(f"jetpool shop: five services, one worker each, {len(os.sched_getaffinity(0))} CPUs")
+    bottom.plot(offered, [p.p50_ms for p in points], "o-", label="p50")
+    bottom.plot(offered, [p.p99_ms for p in points], "s-", label="p99")
+    bottom.axvline(half.offered_per_s, color="grey", ls=":", label=f"half load ({half.offered_per_s:g}/s)")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("offered load (orders/s)")
+    bottom.set_ylabel("placed → ended (ms)")
+    bottom.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sustained_point(points: list[Summary]) -> Summary:
+    """The point where orders ended fastest while they were being placed."""
+    return max(points, key=lambda p: p.steady_per_s)
+
+
+@pytest.mark.timeout(900)
+def test_shop_end_to_end(benchmark: Any) -> None:
+    console = Console(width=120)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="shop-bench-") as tmp, shop(Path(tmp)) as cfg:
+        measure(cfg, 500, 0, console)  # warm-up: imports, connections, first KV keys
+        drain: Summary = benchmark.pedantic(measure, args=(cfg, SUSTAINED_ORDERS, 0, console), rounds=1,
+                                            iterations=1)
+        points = []
+        for fraction in FRACTIONS:
+            rate = round(drain.orders_per_s * fraction)
+            points.append(measure(cfg, max(200, int(rate * POINT_S)), rate, console))
+        sustained = sustained_point(points)
+        half_rate = round(sustained.steady_per_s / 2)
+        half = measure(cfg, max(200, int(half_rate * POINT_S)), half_rate, console)
+    result = {"backlog_drain": asdict(drain), "sustained": asdict(sustained), "half_load": asdict(half),
+              "points": [asdict(p) for p in points], "cpus": len(os.sched_getaffinity(0)),
+              "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    (RESULTS / "shop_e2e.json").write_text(json.dumps(result, indent=2))
+    plot(points, drain, sustained, half, RESULTS / "shop_e2e.png")
+    benchmark.extra_info.update(sustained_orders_per_s=round(sustained.steady_per_s, 1),
+                                backlog_drain_orders_per_s=round(drain.orders_per_s, 1),
+                                half_load_p50_ms=round(half.p50_ms, 1), half_load_p99_ms=round(half.p99_ms, 1))
+    console.print(f"backlog drain {drain.orders_per_s:.0f} orders/s; sustained {sustained.steady_per_s:.0f} "
+                  f"orders/s; at half of it ({half.offered_per_s:g}/s): p50 {half.p50_ms:.0f} ms, "
+                  f"p99 {half.p99_ms:.0f} ms; plot: {RESULTS / 'shop_e2e.png'}")
