@@ -103,7 +103,10 @@ def plot(points: list[Summary], drain: Summary, sustained: Summary, half: Summar
     points = sorted([*points, half], key=lambda p: p.offered_per_s)
     offered = [p.offered_per_s for p in points]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
-    top.plot(offered, [p.steady_per_s for p in points], "o-", label="ended orders/s (while placing)")
+    top.plot(offered, [p.steady_per_s for p in points], "o-", label="ended orders/s while placing")
+    # Past saturation the bottleneck (orders) works through events of later orders before earlier ones
+    # end, so ends lag behind; the whole-run rate (until the last order ended) shows the work done.
+    top.plot(offered, [p.orders_per_s for p in points], "^--", color="tab:purple", label="ended orders/s, whole run")
     top.plot(offered, offered, ":", color="grey", label="ended = offered")
     top.axhline(sustained.steady_per_s, color="tab:green", ls="--",
                 label=f"sustained {sustained.steady_per_s:.0f}/s")

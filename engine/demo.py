@@ -45,7 +45,7 @@ from engine.cli import broker, provision_only
 from engine.config import Config
 from engine.connection import connect
 from engine.errors import JetpoolError
-from engine.events import Event
+from engine.events import Event, now_iso
 from engine.publisher import Publisher
 from engine.shop_cli import audit_service, timeline_table
 from engine.state import KVState
@@ -202,6 +202,7 @@ async def place_orders(publisher: Publisher, orders: list[Event], rate: float, t
             acks.drained.clear()
             await acks.drained.wait()
         tracker.placed_at[event.aggregate_id] = time.monotonic()
+        event.timestamp = now_iso()  # placed now, not when the run was planned
         acks.outstanding += 1
         await publisher.send(publisher.subject_for(event.type), event.encode(), event.headers(), acks)
 
