@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 POLL_S = 0.02
 
 
-def engine_config(url: str, workers: int, mode: Mode, pin_cpus: bool = True) -> dict[str, Any]:
+def engine_config(url: str, workers: int, mode: Mode, pin_cpus: bool = True, pods: int = 1) -> dict[str, Any]:
     return {
         "app": "bench",
         "subject_prefix": "bench",
@@ -48,21 +48,23 @@ def engine_config(url: str, workers: int, mode: Mode, pin_cpus: bool = True) -> 
             "max_ack_pending": MAX_ACK_PENDING,
             "ack_wait_s": ACK_WAIT_S,
             "pin_cpus": pin_cpus,
+            "replicas": pods,
         }},
         "http": {"port": 0, "host": "127.0.0.1"},
         "log": {"level": "warning", "format": "json"},
     }
 
 
-async def _time_run(url: str, n_total: int, proc: subprocess.Popen[bytes], timeout_s: float) -> float:
+async def _time_run(url: str, n_total: int, procs: list[subprocess.Popen[bytes]], timeout_s: float) -> float:
     nc = await nats.connect(url)
     js = nc.jetstream()
     try:
         start = time.perf_counter()
         first = 0.0
         while True:
-            if proc.poll() is not None:
-                raise BenchError(f"engine exited with {proc.returncode} during the run")
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise BenchError(f"engine exited with {proc.returncode} during the run")
             try:
                 info = await js.consumer_info(STREAM, DURABLE)
             except Exception:
@@ -108,23 +110,30 @@ def _stop(proc: subprocess.Popen[bytes], tree: list[psutil.Process]) -> None:
             child.kill()
 
 
-def run_engine(url: str, n_total: int, workers: int, mode: Mode, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Run ``jetpool run`` on a prefilled BENCH stream until ``n_total`` inputs are acked."""
+def run_engine(url: str, n_total: int, workers: int, mode: Mode, timeout_s: float = 600.0,
+               pods: int = 1) -> dict[str, Any]:
+    """Run ``pods`` ``jetpool run`` process trees on a prefilled BENCH stream until ``n_total`` inputs are acked.
+
+    ``pods`` > 1 stands for several Kubernetes pods of one service sharing its durable consumer.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="jetpool-bench-"))
     config = workdir / "bench.yaml"
-    config.write_text(yaml.safe_dump(engine_config(url, workers, mode)))
+    config.write_text(yaml.safe_dump(engine_config(url, workers, mode, pods=pods)))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with open(workdir / "engine.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "engine", "run", "-c", str(config)], cwd=REPO, env=env,
-                                stdout=log, stderr=log, start_new_session=True)
-    tree: list[psutil.Process] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    for pod in range(pods):
+        with open(workdir / f"engine-{pod}.log", "wb") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "engine", "run", "-c", str(config)], cwd=REPO,
+                                          env=env, stdout=log, stderr=log, start_new_session=True))
+    trees: list[list[psutil.Process]] = [[] for _ in procs]
     try:
-        seconds = asyncio.run(_time_run(url, n_total, proc, timeout_s))
-        tree = _workers(proc)
-        rss = [round(_peak_rss_mib(p.pid), 1) for p in tree]
+        seconds = asyncio.run(_time_run(url, n_total, procs, timeout_s))
+        trees = [_workers(proc) for proc in procs]
+        rss = [round(_peak_rss_mib(p.pid), 1) for tree in trees for p in tree]
         return {"msgs": n_total, "seconds": seconds, "msg_per_s": n_total / seconds, "peak_rss_mib_per_proc": rss}
     except BenchError as exc:
-        raise BenchError(f"{exc}\n{(workdir / 'engine.log').read_text()[-3000:]}") from None
+        logs = "".join((workdir / f"engine-{pod}.log").read_text()[-2000:] for pod in range(pods))
+        raise BenchError(f"{exc}\n{logs}") from None
     finally:
-        tree = tree or (_workers(proc) if proc.poll() is None else [])
-        _stop(proc, tree)
+        for proc, tree in zip(procs, trees, strict=True):
+            _stop(proc, tree or (_workers(proc) if proc.poll() is None else []))
