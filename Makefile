@@ -23,7 +23,7 @@ $(BIN)/promtool: | $(BIN)/jetpool
 install: $(BIN)/jetpool $(BIN)/promtool
 
 demo: install
-	$(BIN)/jetpool run -c config/shop.yaml
+	$(BIN)/jetpool demo
 
 lint: install
 	$(BIN)/ruff check engine handlers tests benchmarks
