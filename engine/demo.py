@@ -381,7 +381,7 @@ class ShopLoad:
     async def _report(self, js: Any, dlq_start: int) -> int:
         outcome = Outcome()
         records = await self._order_records(js)
-        dead = await _dead_lettered(js, self.cfg, dlq_start, self.orders.run_id)
+        dead = await dead_lettered_orders(js, self.cfg, dlq_start, self.orders.run_id)
         kinds = self._classify(records)
         self._print_numbers(kinds, dead)
         lost = [oid for oid in self.orders.by_id if oid not in kinds and oid not in dead]
@@ -539,7 +539,7 @@ def _dlq_stream(cfg: Config) -> str:
     return str(getattr(dead_letter, "stream", "DLQ"))
 
 
-async def _dead_lettered(js: Any, cfg: Config, after_seq: int, run_id: str) -> set[str]:
+async def dead_lettered_orders(js: Any, cfg: Config, after_seq: int, run_id: str) -> set[str]:
     """Order ids of this run with an event in the dead-letter stream."""
     stream, found = _dlq_stream(cfg), set()
     with contextlib.suppress(Exception):
