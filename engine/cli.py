@@ -57,7 +57,7 @@ def _shop_parsers(sub: Any) -> None:
         p.add_argument("-c", "--config", default="config/shop.yaml", help="YAML config (default: %(default)s)")
         p.add_argument("--nats-url", help="NATS URL; demo: none starts an embedded nats-server")
         p.add_argument("--orders", type=int, default=2000, help="orders to place (default %(default)s)")
-        p.add_argument("--rate", type=float, default=250.0,
+        p.add_argument("--rate", type=float, default=150.0,
                        help="orders/s offered, 0 = unthrottled (default %(default)s)")
         p.add_argument("--skus", type=int, default=20,
                        help="products; a tenth get too little stock (default %(default)s)")

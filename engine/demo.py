@@ -74,7 +74,7 @@ class Plan:
     """
 
     orders: int = 2000
-    rate: float = 250.0
+    rate: float = 150.0
     skus: int = 20
     failure_rate: float | None = None
     outage: tuple[float, float] | None = None
