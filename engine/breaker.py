@@ -72,10 +72,9 @@ class Breaker:
         try:
             with self._cb.calling():
                 return await fn(*args, **kwargs)
-        except pybreaker.CircuitBreakerError as exc:
-            if exc.__cause__ is not None and not isinstance(exc.__cause__, pybreaker.CircuitBreakerError):
-                # The call that tripped the breaker: report the dependency's own error.
-                raise exc.__cause__ from None
+        except pybreaker.CircuitBreakerError:
+            # Refused while open, or the failure that tripped it: either way the breaker is open now,
+            # so the event waits (is parked) instead of spending a delivery attempt.
             raise BreakerOpen(self.name, self.retry_in_s or self.reset_timeout_s) from None
 
 
@@ -87,10 +86,11 @@ class _OpenedAt(pybreaker.CircuitBreakerListener):
 
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         name = new_state.name if new_state is not None else None
+        previous = getattr(old_state, "name", None)
         if name == pybreaker.STATE_OPEN:
             self._breaker._opened_at = time.monotonic()
-        log.warning(f"breaker.{str(name).replace('-', '_')}", breaker=self._breaker.name,
-                    previous=getattr(old_state, "name", None))
+        if name != previous:
+            log.warning(f"breaker.{str(name).replace('-', '_')}", breaker=self._breaker.name, previous=previous)
 
 
 def build_breakers(configs: dict[str, Any], names: list[str]) -> dict[str, Breaker]:

