@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -52,12 +53,22 @@ class StateStore(Protocol):
         ...
 
 
-async def mutate_with_cas(store: StateStore, key: str, fn: Mutation, attempts: int = 50) -> Value | None:
-    """The compare-and-set loop shared by every store."""
+async def mutate_with_cas(store: StateStore, key: str, fn: Mutation, attempts: int = 50,
+                          known: tuple[Value | None, int] | None = None) -> Value | None:
+    """The compare-and-set loop shared by every store.
+
+    ``known`` is a (value, revision) the caller believes current (what it last wrote): the first
+    attempt tries it without reading. Compare-and-set keeps that safe — a stale guess fails and the
+    loop reads — and a no-op answer from ``fn`` on a guess is confirmed on fresh data.
+    """
     for attempt in range(attempts):
-        current, revision = await store.get(key)
+        guessed = known is not None
+        current, revision = known if known is not None else await store.get(key)
+        known = None
         new = fn(current)
         if new is None:
+            if guessed:
+                continue  # only a freshly read value may justify doing nothing
             return current
         try:
             if revision == 0:
@@ -72,36 +83,65 @@ async def mutate_with_cas(store: StateStore, key: str, fn: Mutation, attempts: i
 
 
 class KVState:
-    """A StateStore over a JetStream key-value bucket."""
+    """A StateStore over a JetStream key-value bucket.
 
-    def __init__(self, kv: Any) -> None:
+    It remembers the last value and revision it read or wrote for up to ``remember`` keys, so a
+    read-modify-write of a key this process touched last costs one request (the compare-and-set)
+    instead of two; with many writers a stale guess just fails and is read again.
+    """
+
+    def __init__(self, kv: Any, remember: int = 4096) -> None:
         self._kv = kv
+        self._limit = remember
+        self._known: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+
+    def _note(self, key: str, raw: bytes, revision: int) -> None:
+        self._known[key] = (raw, revision)
+        self._known.move_to_end(key)
+        if len(self._known) > self._limit:
+            self._known.popitem(last=False)
 
     async def get(self, key: str) -> tuple[Value | None, int]:
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError:  # also raised for deleted keys
+            self._known.pop(key, None)
             return None, 0
-        value = orjson.loads(entry.value) if entry.value else None
-        return value, int(entry.revision or 0)
+        revision = int(entry.revision or 0)
+        if entry.value:
+            self._note(key, entry.value, revision)
+        return (orjson.loads(entry.value) if entry.value else None), revision
 
     async def create(self, key: str, value: Value) -> int:
+        raw = orjson.dumps(value)
         try:
-            return int(await self._kv.create(key, orjson.dumps(value)))
+            revision = int(await self._kv.create(key, raw))
         except KeyWrongLastSequenceError:
+            self._known.pop(key, None)
             raise Conflict(f"key {key!r} already exists") from None
+        self._note(key, raw, revision)
+        return revision
 
     async def update(self, key: str, value: Value, revision: int) -> int:
+        raw = orjson.dumps(value)
         try:
-            return int(await self._kv.update(key, orjson.dumps(value), last=revision))
+            new_revision = int(await self._kv.update(key, raw, last=revision))
         except KeyWrongLastSequenceError:
+            self._known.pop(key, None)
             raise Conflict(f"key {key!r} changed since revision {revision}") from None
+        self._note(key, raw, new_revision)
+        return new_revision
 
     async def put(self, key: str, value: Value) -> int:
-        return int(await self._kv.put(key, orjson.dumps(value)))
+        raw = orjson.dumps(value)
+        revision = int(await self._kv.put(key, raw))
+        self._note(key, raw, revision)
+        return revision
 
     async def mutate(self, key: str, fn: Mutation, attempts: int = 50) -> Value | None:
-        return await mutate_with_cas(self, key, fn, attempts)
+        known = self._known.get(key)
+        guess = (orjson.loads(known[0]), known[1]) if known is not None else None
+        return await mutate_with_cas(self, key, fn, attempts, known=guess)
 
 
 class MemoryState:
