@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, help="YAML config file")
     _dlq_parser(sub)
     _shop_parsers(sub)
+    _chaos_parser(sub)
     return parser
 
 
@@ -74,6 +75,18 @@ def _shop_parsers(sub: Any) -> None:
     audit.add_argument("-c", "--config", default="config/shop.yaml", help="YAML config (default: %(default)s)")
     audit.add_argument("--nats-url", help="NATS URL for rebuild; none: start an embedded nats-server")
     audit.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
+
+
+def _chaos_parser(sub: Any) -> None:
+    chaos = sub.add_parser("chaos", help="inject faults into the shop under load and count what was lost")
+    chaos.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                       help="worker-kill, broker-restart, gateway-outage, sigterm-restart, poison, malformed, hang, "
+                            "slow-handler, duplicates, oversized (default: all, in that order)")
+    chaos.add_argument("-c", "--config", default="config/shop.yaml", help="the shop's YAML (default: %(default)s)")
+    chaos.add_argument("--orders", type=int, help="orders per scenario (default: full size, e.g. 10000)")
+    chaos.add_argument("--workdir", default=".jetpool/chaos", help="brokers' stores and logs (default %(default)s)")
+    chaos.add_argument("--json", action="store_true", help="rows as JSON on stdout")
+    chaos.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
 
 
 def _dlq_parser(sub: Any) -> None:
@@ -235,6 +248,14 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         return await shop_cli.rebuild(live)
 
 
+async def cmd_chaos(args: argparse.Namespace) -> int:
+    from engine import chaos
+
+    rows = await chaos.run_chaos(args.scenarios, base_config=Path(args.config), workdir=Path(args.workdir),
+                                 orders=args.orders)
+    return chaos.report(rows, args.json)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     for service in cfg.services:
@@ -248,11 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return cmd_check(args)
-        quiet = args.command in ("demo", "load", "audit")  # their output is a report, not a log
+        quiet = args.command in ("demo", "load", "audit", "chaos")  # their output is a report, not a log
         cfg_level = getattr(args, "log_level", None) or ("warning" if quiet else "info")
         configure_logging(cfg_level)
         commands = {"run": cmd_run, "provision": cmd_provision, "dlq": cmd_dlq, "demo": cmd_demo, "load": cmd_load,
-                    "audit": cmd_audit}
+                    "audit": cmd_audit, "chaos": cmd_chaos}
         return uvloop.run(commands[args.command](args))
     except (JetpoolError, LookupError) as exc:
         print(f"jetpool: error: {exc}", file=sys.stderr)

@@ -339,7 +339,7 @@ class Consumer:
         event = d.event
         log.warning("event.failed", service=self.service, worker=self._worker, outcome=outcome.label,
                     attempt=attempt, delay_s=round(outcome.delay_s, 3), reason=outcome.reason,
-                    event_id=event.id if event else None, event_type=event.type if event else None)
+                    stream_seq=ack_metadata(d.reply)[1], **_event_fields(event))
         await self._forget(d)
 
     async def _write_dead_letter(self, d: _Delivery, outcome: Outcome, attempt: int) -> bool:
@@ -436,6 +436,14 @@ class Consumer:
             elif now - d.progress_at > progress_every_s:
                 d.progress_at = now
                 await self._nc.publish(d.reply, IN_PROGRESS)
+
+
+def _event_fields(event: Event | None) -> dict[str, str | None]:
+    """What a log line says about an event: ids, never the payload."""
+    if event is None:
+        return {"event_id": None, "event_type": None}
+    return {"event_id": event.id, "event_type": event.type, "aggregate_id": event.aggregate_id,
+            "trace_id": event.trace_id}
 
 
 def _settlement(outcome: Outcome) -> bytes:

@@ -2,8 +2,9 @@
 
 - ``/health`` (Kubernetes liveness): the supervisor's event loop answered, and no worker is stuck —
   every running worker beat within :data:`STALE_S` (a worker stops beating when its event loop is
-  blocked or its consumer has stopped hearing from the server). A worker still starting, or waiting
-  for its restart backoff, is not stuck: restarting it is the supervisor's job, not Kubernetes'.
+  blocked, and beats "unhealthy" when its consumer has stopped hearing the server's heartbeats). A
+  worker still starting, waiting for its restart backoff, or draining is not stuck: restarting it is
+  the supervisor's job, not Kubernetes'.
 - ``/ready`` (readiness): every worker is connected with its consumer bound, and no drain has
   started (so a terminating pod leaves the Service at once).
 - ``/metrics``: every worker's metric files merged, plus the supervisor's own registry.
@@ -51,7 +52,7 @@ def slot_report(slot: Slot, now: float) -> dict[str, Any]:
     proc = slot.process
     alive = proc is not None and proc.exitcode is None
     beat, ready = slot.status[BEAT], slot.status[READY]
-    starting = now - slot.started_at < STARTUP_GRACE_S and beat == 0.0
+    starting = now - slot.started_at < STARTUP_GRACE_S and beat == 0.0  # negative: beating, but unhealthy
     fresh = beat > 0 and now - beat < STALE_S
     return {
         "service": slot.spec.service, "worker": slot.spec.index, "pid": proc.pid if alive else None,
@@ -92,7 +93,8 @@ class Probes:
 
     async def health(self, request: web.Request) -> web.Response:
         workers = self._reports()
-        ok = not self._supervisor.crash_looped and all(w["healthy"] for w in workers)
+        # While draining, workers stop beating on purpose; the supervisor's drain deadline handles a stuck one.
+        ok = not self._supervisor.crash_looped and (self._supervisor.stopping or all(w["healthy"] for w in workers))
         return web.json_response({"status": "ok" if ok else "unhealthy", "workers": workers}, status=200 if ok else 503)
 
     async def ready(self, request: web.Request) -> web.Response:

@@ -37,7 +37,7 @@ log = structlog.get_logger("jetpool.worker")
 _POLL_S = 0.1
 _BEAT_S = 1.0
 # A worker's status, shared with the supervisor: a 2-slot array of doubles.
-BEAT = 0  # wall time of the last beat; 0 when not healthy (stuck loop, consumer deaf to heartbeats)
+BEAT = 0  # wall time of the last healthy beat; 0 before the first; minus the time when unhealthy (deaf consumer)
 READY = 1  # 1.0 while connected with the consumer bound and not draining
 
 
@@ -138,7 +138,7 @@ async def _wait_for_stop(shutdown: Any, local_stop: asyncio.Event, lost: asyncio
     while not (shutdown.is_set() or local_stop.is_set() or lost.is_set() or os.getppid() != parent):
         now = time.time()
         if now - beat_at >= _BEAT_S:
-            status[BEAT] = now if consumer.healthy else 0.0
+            status[BEAT] = now if consumer.healthy else -now
             status[READY] = 1.0 if nc.is_connected else 0.0
             beat_at = now
         with contextlib.suppress(asyncio.TimeoutError):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.embedded import EmbeddedServer
 from engine.metrics import EXPORTED_METRICS
 from tests.support import HANDLERS, App, Engine, count, pings, publish, wait_for
 from tests.unit.test_dashboard import promtool
@@ -123,3 +124,27 @@ def test_health_and_ready_follow_the_workers(make_config: Callable[..., App], en
 
 def _in_flight(port: int) -> float:
     return total(get(port, "/metrics")[1], "jetpool_in_flight")
+
+
+def test_health_fails_when_the_consumer_stops_hearing_the_server(make_config: Callable[..., App],
+                                                                 engine: StartEngine,
+                                                                 private_server: EmbeddedServer) -> None:
+    # A frozen broker keeps the TCP connection open, so nothing looks disconnected: only the missing
+    # idle heartbeats of the pending pulls tell the worker that its consumer is deaf.
+    app = with_http(make_config({"echo": {"idle_heartbeat_s": 0.5}}, url=private_server.url))
+    run = engine(app)
+    port = port_of(run)
+    wait_for(lambda: get(port, "/health")[0] == 200, 30, "/health 200")
+    assert private_server.pid is not None
+    os.kill(private_server.pid, signal.SIGSTOP)
+    try:
+        _, body = wait_for(lambda: (r := get(port, "/health"))[0] == 503 and r, 60,
+                                "/health 503 while the broker is frozen", detail=run.tail)
+        assert json.loads(body)["workers"][0]["healthy"] is False
+        assert run.records("pull.heartbeat_missed")
+    finally:
+        os.kill(private_server.pid, signal.SIGCONT)
+    wait_for(lambda: get(port, "/health")[0] == 200, 60, "/health back to 200 once the broker answers",
+             detail=run.tail)
+    publish(app, pings(10))
+    wait_for(lambda: count(app, "Pong") >= 10, 60, "Pongs after the freeze", detail=run.tail)
