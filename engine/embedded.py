@@ -237,8 +237,8 @@ class EmbeddedCluster:
     def start(self, i: int | None = None, ready_timeout_s: float = 60.0) -> EmbeddedCluster:
         """Start every node (or node ``i``, with its store as it was) and wait until JetStream is healthy.
 
-        All nodes are launched before any is waited for: a clustered JetStream elects its meta leader
-        only once a quorum of nodes is up.
+        Every node is launched (each waits only for its own client port) before JetStream's health is
+        awaited: a clustered JetStream elects its meta leader only once a quorum of nodes is up.
         """
         which = range(self.size) if i is None else [i]
         try:
