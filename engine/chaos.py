@@ -241,6 +241,18 @@ class Shop:
                     out.append(child)
         return out
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the live workers and the broker have used so far."""
+        procs = self.workers()
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(self.server.pid))
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
     def services_by_pid(self) -> dict[int, str]:
         return {int(r["pid"]): str(r["service"]) for r in self.records("worker.started")}
 
@@ -901,15 +913,19 @@ async def malformed(shop: Shop, orders: int = 10_000, rate: float = RATE, bad: i
     first delivery, no worker crashes, and valid orders' p99 is compared with the clean run's."""
     async with Session(shop, seed) as s:
         pids = {p.pid for p in shop.workers()}
+        cpu = [shop.cpu_s()]
         clean = await s.new_orders(orders)
         await s.place(clean, rate)
         await s.settle(orders)
+        cpu.append(shop.cpu_s())
         mixed = await s.new_orders(orders)
         items = _interleave(order_items(s.cfg, mixed.events), _malformed(s.cfg, bad))
         await s.producer.place(items, rate * len(items) / max(1, orders))
         await s.producer.flush()
         settled = await s.settle(2 * orders)
+        cpu.append(shop.cpu_s())
         facts = await s.facts()
+        cpu_clean, cpu_mixed = cpu[1] - cpu[0], cpu[2] - cpu[1]
         p99_clean = percentile(facts.latencies_ms(clean.by_id), 99)
         p99_mixed = percentile(facts.latencies_ms(mixed.by_id), 99)
         first = len({d.original for d in facts.dead if d.attempts == 1 and d.error_type == "MalformedEvent"})
@@ -918,7 +934,9 @@ async def malformed(shop: Shop, orders: int = 10_000, rate: float = RATE, bad: i
         row = await s.row("malformed", mixed, facts, dlq_expected=bad, notes={
             "malformed": bad, "dlq_on_first_delivery": first, "worker_crashes": len(exits),
             "p99_clean_ms": round(p99_clean), "p99_mixed_ms": round(p99_mixed),
-            "p99_ratio": round(p99_mixed / p99_clean, 2) if p99_clean else None, "settled": settled})
+            "p99_ratio": round(p99_mixed / p99_clean, 2) if p99_clean else None,
+            "cpu_s_clean": round(cpu_clean, 1), "cpu_s_mixed": round(cpu_mixed, 1),
+            "cpu_ms_per_malformed": round((cpu_mixed - cpu_clean) * 1000 / max(1, bad), 2), "settled": settled})
         _check(row.problems, first == bad and not retried,
                f"{first} of {bad} malformed events dead-lettered on first delivery, {retried} entries after more")
         _check(row.problems, not exits and {p.pid for p in shop.workers()} == pids, "a worker crashed")

@@ -83,6 +83,7 @@ class NatsConfig(_Frozen):
     max_reconnect_attempts: int = -1
     connect_attempts: PosInt = 10
     publish_timeout_s: PosFloat = 10.0
+    publish_retry_s: NonNegFloat = 30.0
 
 
 class StreamConfig(_Frozen):

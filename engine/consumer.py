@@ -89,7 +89,12 @@ class _Delivery:
             self.error = error
         self.waiting -= 1
         if self.waiting == 0:
-            await self.consumer._finish(self)
+            if self.error is None:
+                await self.consumer._finish(self)
+            else:
+                # Settling a failure may publish (a dead letter) and wait for *its* PubAck, which only
+                # the PubAck subscription calling us can deliver: settle from a task, never inline.
+                self.consumer._settle_later(self, self.error)
 
 
 class Consumer:
@@ -122,6 +127,7 @@ class Consumer:
         self._breakers: list[Breaker] = [r for k, r in self._resources.items() if k.startswith("breaker:")]
         self._parked: list[_Delivery] = []
         self._trial: _Delivery | None = None
+        self._settling: set[asyncio.Task[None]] = set()
         self._routes = frozenset(router.event_types)
         self._metrics = RouteMetrics(service, self._routes, [b.name for b in self._breakers])
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{svc.stream}.{config.durable(service)}"
@@ -305,6 +311,11 @@ class Consumer:
         await self._nc.publish(d.reply, ACK)
         self._tally(d, "ack")
         await self._forget(d)
+
+    def _settle_later(self, d: _Delivery, exc: BaseException) -> None:
+        task = self._loop.create_task(self._fail(d, exc))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def _on_cancelled(self, d: _Delivery) -> None:
         if d.timed_out:

@@ -31,7 +31,6 @@ from nats.js.errors import NotFoundError
 
 from engine.config import Config
 from engine.dispatch import ack_metadata
-from engine.errors import JetpoolError
 from engine.events import MSG_ID_HEADER, Event
 from engine.metrics import DEAD_LETTERED
 from engine.outcome import Outcome
@@ -78,9 +77,10 @@ class DeadLetters:
     async def open(cls, config: Config, publisher: Publisher, js: Any) -> DeadLetters:
         """Open the writer; without the first-failure bucket (never provisioned) entries lack that time."""
         try:
-            store = (await open_buckets(js, {FAILURES_BUCKET: FAILURES_BUCKET_CONFIG}, create=False))[FAILURES_BUCKET]
-        except JetpoolError:
-            log.warning("dlq.no_failures_bucket", bucket=FAILURES_BUCKET, hint="run 'jetpool provision'")
+            store = (await open_buckets(js, {FAILURES_BUCKET: failures_bucket(config)}, create=False))[FAILURES_BUCKET]
+        except Exception as exc:  # optional: without it, entries only lack their first-failure time
+            log.warning("dlq.failures_bucket_unavailable", bucket=FAILURES_BUCKET, error=repr(exc),
+                        hint="run 'jetpool provision'")
             store = None
         return cls(config, publisher, store if isinstance(store, KVState) else None)
 
@@ -154,7 +154,9 @@ class FailuresBucket:
     replicas: int = 1
 
 
-FAILURES_BUCKET_CONFIG = FailuresBucket()
+def failures_bucket(config: Config) -> FailuresBucket:
+    """As many replicas as the dead-letter stream, so a cluster keeps it through a node's loss."""
+    return FailuresBucket(replicas=config.dead_letter.replicas)
 
 
 async def watch_advisories(nc: Any, config: Config, service: str, dead_letters: DeadLetters) -> Any:

@@ -15,7 +15,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from engine.config import Config, StreamConfig
-from engine.deadletter import FAILURES_BUCKET, FAILURES_BUCKET_CONFIG, dlq_stream_config
+from engine.deadletter import FAILURES_BUCKET, dlq_stream_config, failures_bucket
 from engine.errors import BrokerError
 from engine.state import open_buckets
 
@@ -57,7 +57,7 @@ async def provision(js: Any, config: Config, services: Iterable[str] | None = No
     for stream in config.streams:
         await ensure_stream(js, stream)
     await _ensure(js, dlq_stream_config(config))
-    await open_buckets(js, {FAILURES_BUCKET: FAILURES_BUCKET_CONFIG}, create=True)
+    await open_buckets(js, {FAILURES_BUCKET: failures_bucket(config)}, create=True)
     await open_buckets(js, config.state, create=True)
     for service in services if services is not None else config.services:
         svc = config.services[service]

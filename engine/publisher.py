@@ -6,26 +6,53 @@ so publishes pipeline on the socket and PubAcks are matched to their waiter as t
 
 A waiter is any object with ``async def on_puback(error: Exception | None)``: the consumer's
 in-flight delivery (which acks its input once the last output is stored — no task or future per
-message) or a :class:`FutureWaiter` for callers that simply ``await``. A sweeper fails waiters whose
-PubAck is late, so a publish lost in a broker restart surfaces as :class:`PublishTimeout` instead of
-hanging; the input is then nakked and its outputs re-published under the same ``Nats-Msg-Id``,
-which JetStream deduplicates.
+message) or a :class:`FutureWaiter` for callers that simply ``await``.
+
+Transient failures are retried here, under the same ``Nats-Msg-Id`` (JetStream deduplicates, so a
+retry can never store twice), with backoff, for up to ``retry_s``: a PubAck that does not come (the
+broker restarted, the node died), a 503 for a subject a configured stream captures (a stream leader
+election in a cluster), or a PubAck error with code 503. Spending delivery attempts of the input on
+an election would dead-letter good events. Only after the budget, or on a permanent error (the
+stream refused the message, no stream captures the subject), does the waiter hear of a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
 
 import orjson
 
+from engine.config import subject_matches
 from engine.errors import PublishError, PublishTimeout
 from engine.events import Event
 
 STATUS_HEADER = "Status"
 _SWEEP_INTERVAL_S = 0.25
+_RETRY_FIRST_S = 0.1
+_RETRY_MAX_S = 2.0
+
+
+class _Pending:
+    """One publish awaiting its PubAck, with what it takes to send it again."""
+
+    __slots__ = ("deadline", "first_sent", "headers", "payload", "subject", "tries", "waiter")
+
+    def __init__(self, waiter: Waiter, subject: str, payload: bytes, headers: dict[str, str] | None,
+                 now: float, deadline: float) -> None:
+        self.waiter = waiter
+        self.subject = subject
+        self.payload = payload
+        self.headers = headers
+        self.first_sent = now
+        self.deadline = deadline
+        self.tries = 1
+
+
+class _Transient(Exception):
+    """A failure worth retrying under the same Nats-Msg-Id."""
 
 
 class Waiter(Protocol):
@@ -59,17 +86,24 @@ class Publisher:
     Args:
         nc: a connected ``nats.aio.client.Client``.
         subject_prefix: events are published on ``<subject_prefix>.<type>``.
-        timeout_s: how long a PubAck may take before the publish counts as failed.
+        timeout_s: how long one PubAck may take before that attempt counts as lost.
+        retry_s: how long transient failures are retried before the waiter hears of them.
+        captured: subject patterns of the configured streams; a 503 for anything else is permanent
+            (None: every 503 is treated as transient).
     """
 
-    def __init__(self, nc: Any, subject_prefix: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, nc: Any, subject_prefix: str, timeout_s: float = 10.0, retry_s: float = 30.0,
+                 captured: Sequence[str] | None = None) -> None:
         self._nc = nc
         self._prefix = subject_prefix + "."
         self._timeout_s = timeout_s
+        self._retry_s = retry_s
+        self._captured = list(captured) if captured is not None else None
         self._inbox = nc.new_inbox() + "."
         self._seq = 0
-        # reply subject -> (waiter, deadline); insertion order is deadline order.
-        self._pending: dict[str, tuple[Waiter, float]] = {}
+        # reply subject -> pending publish; insertion order is deadline order.
+        self._pending: dict[str, _Pending] = {}
+        self._retries: set[asyncio.Task[None]] = set()
         self._sub: Any = None
         self._sweeper: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -93,20 +127,26 @@ class Publisher:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        for task in list(self._retries):
+            task.cancel()
         pending, self._pending = self._pending, {}
-        for waiter, _ in pending.values():
-            await waiter.on_puback(PublishError("publisher stopped before the PubAck arrived"))
+        for entry in pending.values():
+            await entry.waiter.on_puback(PublishError("publisher stopped before the PubAck arrived"))
 
     async def send(self, subject: str, payload: bytes, headers: dict[str, str] | None, waiter: Waiter) -> None:
         """Publish one message; ``waiter.on_puback`` is called once with its outcome."""
+        now = self._loop.time()
+        await self._send(_Pending(waiter, subject, payload, headers, now, now + self._timeout_s))
+
+    async def _send(self, entry: _Pending) -> None:
         self._seq += 1
         reply = self._inbox + str(self._seq)
-        self._pending[reply] = (waiter, self._loop.time() + self._timeout_s)
+        self._pending[reply] = entry
         try:
-            await self._nc.publish(subject, payload, reply=reply, headers=headers)
+            await self._nc.publish(entry.subject, entry.payload, reply=reply, headers=entry.headers)
         except Exception as exc:
             del self._pending[reply]
-            raise PublishError(f"publish to {subject} failed: {exc!r}") from exc
+            raise PublishError(f"publish to {entry.subject} failed: {exc!r}") from exc
 
     async def send_events(self, events: Sequence[Event], waiter: Waiter) -> None:
         """Publish events in order; the waiter hears one PubAck (or failure) per event."""
@@ -130,27 +170,61 @@ class Publisher:
 
     async def _on_puback(self, msg: Any) -> None:
         entry = self._pending.pop(msg.subject, None)
-        if entry is not None:
-            await entry[0].on_puback(_puback_error(msg))
+        if entry is None:
+            return  # a late PubAck of an attempt already retried or failed
+        error = _puback_error(msg, self._captured is None or self._is_captured(entry.subject))
+        if isinstance(error, _Transient):
+            self._retry_or_fail(entry, PublishError(str(error)))
+        else:
+            await entry.waiter.on_puback(error)
+
+    def _is_captured(self, subject: str) -> bool:
+        return any(subject_matches(pattern, subject) for pattern in self._captured or ())
+
+    def _retry_or_fail(self, entry: _Pending, error: Exception) -> None:
+        """Send again after a backoff if the budget allows, else tell the waiter (from a task)."""
+        delay = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** (entry.tries - 1))
+        if self._loop.time() + delay - entry.first_sent < self._retry_s:
+            entry.tries += 1
+            self._spawn(self._resend(entry, delay))
+        else:
+            self._spawn(entry.waiter.on_puback(error))
+
+    async def _resend(self, entry: _Pending, delay: float) -> None:
+        await asyncio.sleep(delay)
+        entry.deadline = self._loop.time() + self._timeout_s
+        try:
+            await self._send(entry)
+        except PublishError as exc:
+            await entry.waiter.on_puback(exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Failure paths only (rare); keeps the PubAck subscription free while a waiter settles.
+        task = self._loop.create_task(coro)
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL_S)
             now = self._loop.time()
             expired = []
-            for reply, (_, deadline) in self._pending.items():
-                if deadline > now:
+            for reply, entry in self._pending.items():
+                if entry.deadline > now:
                     break
                 expired.append(reply)
             for reply in expired:
-                entry = self._pending.pop(reply, None)
-                if entry is not None:
-                    await entry[0].on_puback(PublishTimeout(f"no PubAck within {self._timeout_s}s"))
+                late = self._pending.pop(reply, None)
+                if late is not None:
+                    self._retry_or_fail(late, PublishTimeout(f"no PubAck within {self._timeout_s}s "
+                                                             f"(tried {late.tries} times over {self._retry_s}s)"))
 
 
-def _puback_error(msg: Any) -> Exception | None:
-    """None for a stored message, else the reason the stream did not store it."""
+def _puback_error(msg: Any, captured: bool) -> Exception | None:
+    """None for a stored message, a _Transient worth retrying, or the reason it was not stored."""
     if msg.headers and msg.headers.get(STATUS_HEADER) == "503":
+        if captured:
+            return _Transient("no stream leader answered (503 no responders: election or restart)")
         return PublishError("no stream captures this subject (503 no responders)")
     try:
         reply = orjson.loads(msg.data)
@@ -158,6 +232,8 @@ def _puback_error(msg: Any) -> Exception | None:
         return PublishError(f"unreadable PubAck: {msg.data[:200]!r}")
     error = reply.get("error")
     if error:
-        return PublishError(f"stream refused the message: {error.get('description')} "
-                            f"(err_code {error.get('err_code')})")
+        text = f"{error.get('description')} (code {error.get('code')}, err_code {error.get('err_code')})"
+        if error.get("code") == 503:
+            return _Transient(f"JetStream temporarily unavailable: {text}")
+        return PublishError(f"stream refused the message: {text}")
     return None

@@ -96,7 +96,9 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     router = build_router(cfg, service)
     nc = await connect(cfg.nats, name=f"{cfg.app}.{service}.{spec.index}", reconnected_cb=reconnected,
                        disconnected_cb=disconnected, closed_cb=closed, first_attempts=-1)
-    publisher = Publisher(nc, cfg.subject_prefix, cfg.nats.publish_timeout_s)
+    captured = [subject for stream in cfg.streams for subject in stream.subjects]
+    captured.append(f"{cfg.dead_letter.subject_prefix}.>")
+    publisher = Publisher(nc, cfg.subject_prefix, cfg.nats.publish_timeout_s, cfg.nats.publish_retry_s, captured)
     await publisher.start()
     resources = await open_resources(nc, cfg, service)
     dead_letters = await DeadLetters.open(cfg, publisher, nc.jetstream())

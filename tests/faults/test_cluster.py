@@ -59,16 +59,6 @@ ACK_TIMEOUT_S = 2.0
 DEADLINE_S = 120.0
 SETTLE_S = 30.0
 
-# The engine loses or strands messages when Pings are in flight during the election; see the
-# report of issue 7, item 11: output publishes refused with 503 (no stream leader) burn delivery
-# attempts until max_deliver dead-letters them, and a dead-letter write awaited inside the PubAck
-# callback or the sweeper can deadlock the worker's publisher.
-ENGINE_GAP = "engine: in-flight deliveries during a stream leader election (issue 7, item 11 report)"
-# engine/deadletter.py: the jetpool_failures bucket is R1 and DeadLetters.open lets its TimeoutError
-# through, so while its node is down every worker start crashes: a crash loop, exit 3.
-FAILURES_BUCKET_GAP = "engine: workers cannot start while the R1 jetpool_failures bucket's node is down"
-
-
 @dataclass
 class Run:
     """What the scenario saw; times are wall-clock seconds (comparable with stream timestamps)."""
@@ -299,7 +289,7 @@ def r3_config(make_config: Callable[..., App], cluster: EmbeddedCluster) -> App:
 # ---- the test ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("moment", ["idle", pytest.param("backlog", marks=pytest.mark.xfail(reason=ENGINE_GAP))])
+@pytest.mark.parametrize("moment", ["idle", "backlog"])
 def test_stream_leader_killed_mid_run(moment: str, cluster: EmbeddedCluster, make_config: Callable[..., App],
                                       engine: Callable[..., Engine]) -> None:
     app = r3_config(make_config, cluster)
@@ -346,7 +336,6 @@ async def _bucket_host(url: str) -> str:
         await nc.close()
 
 
-@pytest.mark.xfail(reason=FAILURES_BUCKET_GAP, strict=True)
 def test_worker_restarts_while_a_node_is_down(cluster: EmbeddedCluster, make_config: Callable[..., App],
                                               engine: Callable[..., Engine]) -> None:
     app = r3_config(make_config, cluster)
