@@ -171,6 +171,8 @@ class Supervisor:
             self._exit_code = EXIT_CRASH_LOOP
             self.begin_shutdown()
             return
+        if time.time() - slot.started_at > self.config.supervisor.restart_window_s:
+            slot.restarts = 0  # it ran fine for a while: this is a new failure, not a crash loop
         delay = self._backoff(slot)
         slot.restarts += 1
         WORKER_RESTARTS.labels(slot.spec.service).inc()
