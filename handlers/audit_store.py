@@ -12,7 +12,6 @@ hundreds of events, and the handler still returns only after its row is stored.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import orjson
 
 from engine.events import Event
 from handlers.saga import PRODUCERS
+from handlers.sqlite import open_db
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +95,7 @@ class SqliteAuditStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(self.path, _SCHEMA)
         # One thread owns the connection: statements never run concurrently, nor on the event loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-sqlite")
         self._queue: list[tuple[AuditRecord, asyncio.Future[None]]] = []

@@ -25,7 +25,6 @@ import asyncio
 import hashlib
 import os
 import random
-import sqlite3
 import threading
 import time
 from collections.abc import Mapping
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
+
+from handlers.sqlite import open_db
 
 
 class GatewayError(Exception):
@@ -106,7 +107,6 @@ class MemoryLedger:
                 counts[oid] = counts.get(oid, 0) + 1
         return {oid: n for oid, n in counts.items() if n > 1}
 
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, status TEXT NOT NULL, reference TEXT NOT NULL, reason TEXT NOT NULL);
@@ -122,11 +122,7 @@ class SqliteLedger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(self.path, _SCHEMA)
         self._lock = threading.Lock()
 
     def apply(self, key: str, order_id: str, kind: str, amount_cents: int, result: Result) -> Result:
