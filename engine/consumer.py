@@ -194,11 +194,6 @@ class Consumer:
         return len(self._in_flight)
 
     @property
-    def seconds_since_heard(self) -> float:
-        """Time since the server last sent a message or heartbeat for this consumer."""
-        return self._loop.time() - self._last_seen
-
-    @property
     def healthy(self) -> bool:
         """Liveness: false once pulls went unanswered (no message, no heartbeat) several times in a row."""
         return self._missed_in_row < _MISSES_UNHEALTHY
