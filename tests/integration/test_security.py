@@ -101,7 +101,7 @@ def _make_leaf(directory: Path, ca: str, name: str, extensions: str) -> None:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
+        pytest.fail("the openssl command is needed to make the test certificates (Debian: openssl)")
     d = tmp_path_factory.mktemp("pki")
     _make_ca(d, "ca")
     _make_ca(d, "rogue-ca")
