@@ -70,6 +70,7 @@ from engine.demo import EngineProcess, Orders, Plan, percentile
 from engine.embedded import EmbeddedServer
 from engine.errors import JetpoolError, PublishError
 from engine.events import MSG_ID_HEADER
+from engine.logs import json_records
 from engine.publisher import Publisher
 from engine.state import KVState
 from handlers import inventory, payments
@@ -266,7 +267,7 @@ class Shop:
         with open(self.log_path, "rb") as handle:
             handle.seek(offset)
             text = handle.read().decode(errors="replace")
-        return [r for r in _json_records(text) if event is None or r.get("event") == event]
+        return [r for r in json_records(text) if event is None or r.get("event") == event]
 
     def gateway_settings(self) -> dict[str, Any]:
         for svc in self.cfg.services.values():
@@ -277,21 +278,6 @@ class Shop:
     def audit_path(self) -> Path:
         svc = next(s for s in self.cfg.services.values() if AUDIT in s.routes.values())
         return Path(str(svc.settings["db_path"]))
-
-
-def _json_records(text: str) -> Iterable[dict[str, Any]]:
-    """Every JSON object of a log written by several processes (two records may share a line)."""
-    decoder = json.JSONDecoder()
-    for line in text.splitlines():
-        position = line.find("{")
-        while position != -1:
-            try:
-                record, end = decoder.raw_decode(line, position)
-            except ValueError:
-                break
-            if isinstance(record, dict):
-                yield record
-            position = line.find("{", end)
 
 
 # ---- the producer ------------------------------------------------------------------------------------

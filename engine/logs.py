@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -30,3 +32,22 @@ def configure_logging(level: str = "info", fmt: str = "auto", **context: Any) ->
     structlog.contextvars.clear_contextvars()
     if context:
         structlog.contextvars.bind_contextvars(**context)
+
+
+def json_records(text: str) -> Iterator[dict[str, Any]]:
+    """Every JSON log record in ``text``, written by several processes to one file.
+
+    Two processes' writes can interleave, so a line may hold more than one record: each line is
+    decoded record by record.
+    """
+    decoder = json.JSONDecoder()
+    for line in text.splitlines():
+        position = line.find("{")
+        while position != -1:
+            try:
+                record, end = decoder.raw_decode(line, position)
+            except ValueError:
+                break
+            if isinstance(record, dict):
+                yield record
+            position = line.find("{", end)

@@ -28,6 +28,7 @@ import yaml
 from nats.js import api
 
 from engine.events import MSG_ID_HEADER, Event, derived_id
+from engine.logs import json_records
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HANDLERS = "tests.handlers_fixture"
@@ -328,19 +329,7 @@ class Engine:
         Every process of the tree appends to the same file; a line may hold more than one record
         if two writes interleave, so each line is decoded record by record.
         """
-        decoder = json.JSONDecoder()
-        out = []
-        for line in self.log_text().splitlines():
-            position = line.find("{")
-            while position != -1:
-                try:
-                    record, end = decoder.raw_decode(line, position)
-                except ValueError:
-                    break
-                if isinstance(record, dict) and (event is None or record.get("event") == event):
-                    out.append(record)
-                position = line.find("{", end)
-        return out
+        return [r for r in json_records(self.log_text()) if event is None or r.get("event") == event]
 
     def tail(self, lines: int = 40) -> str:
         return "engine log tail:\n" + "\n".join(self.log_text().splitlines()[-lines:])
