@@ -336,6 +336,24 @@ async def _bucket_host(url: str) -> str:
         await nc.close()
 
 
+async def _stream_leader(url: str, stream: str) -> str:
+    nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+    try:
+        info = await nc.jetstream().stream_info(stream)
+        return str(info.cluster.leader or "") if info.cluster else ""
+    finally:
+        await nc.close()
+
+
+def stream_led_by_live_node(app: App, cluster: EmbeddedCluster) -> bool:
+    """The stream has a leader on a running node: until then the cluster answers publishes with 503."""
+    try:
+        leader = asyncio.run(_stream_leader(app.url, app.stream))
+    except Exception:
+        return False
+    return bool(leader) and cluster.running(cluster.index_of(leader))
+
+
 def test_worker_restarts_while_a_node_is_down(cluster: EmbeddedCluster, make_config: Callable[..., App],
                                               engine: Callable[..., Engine]) -> None:
     app = r3_config(make_config, cluster)
@@ -352,6 +370,8 @@ def test_worker_restarts_while_a_node_is_down(cluster: EmbeddedCluster, make_con
     wait_for(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE,
              10, "the killed worker to be gone")
     live = via_live_node(app, cluster)
+    # The killed node may have led the stream too: publish once the election is over.
+    wait_for(lambda: stream_led_by_live_node(live, cluster), 30, "a stream leader on a running node")
     events = pings(200)
     publish(live, events)
     wait_for(lambda: settled_now(live), SETTLE_S, "the consumer to settle", detail=proc.tail)
