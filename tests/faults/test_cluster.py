@@ -336,11 +336,10 @@ async def _bucket_host(url: str) -> str:
         await nc.close()
 
 
-async def _stream_leader(url: str, stream: str) -> str:
-    nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+async def _stream_leader_via(app: App) -> str:
+    nc = await nats.connect(app.url, connect_timeout=5, allow_reconnect=False)
     try:
-        info = await nc.jetstream().stream_info(stream)
-        return str(info.cluster.leader or "") if info.cluster else ""
+        return await _stream_leader(nc.jetstream(), app)
     finally:
         await nc.close()
 
@@ -348,7 +347,7 @@ async def _stream_leader(url: str, stream: str) -> str:
 def stream_led_by_live_node(app: App, cluster: EmbeddedCluster) -> bool:
     """The stream has a leader on a running node: until then the cluster answers publishes with 503."""
     try:
-        leader = asyncio.run(_stream_leader(app.url, app.stream))
+        leader = asyncio.run(_stream_leader_via(app))
     except Exception:
         return False
     return bool(leader) and cluster.running(cluster.index_of(leader))
