@@ -29,11 +29,11 @@ import orjson
 import structlog
 from opentelemetry import trace
 
-from engine import eager, tracing
+from engine import eager, inbox, tracing
 from engine.breaker import Breaker, BreakerOpen
 from engine.config import Config
 from engine.deadletter import DeadLetters
-from engine.dispatch import Context, Router, ack_metadata
+from engine.dispatch import Context, Router, ack_metadata, bind_outputs
 from engine.errors import HandlerTimeout, MalformedEvent
 from engine.events import TRACEPARENT_HEADER, Event
 from engine.metrics import RouteMetrics
@@ -123,6 +123,8 @@ class Consumer:
         self._resources = resources or {}
         self._dead_letters = dead_letters
         self._svc = svc
+        self._max_event_bytes = svc.max_event_bytes
+        self._settings = svc.settings
         self._policy = RetryPolicy(svc.retry.base_s, svc.retry.max_s, tuple(svc.retry.delays_s or ()))
         self._breakers: list[Breaker] = [r for k, r in self._resources.items() if k.startswith("breaker:")]
         self._parked: list[_Delivery] = []
@@ -153,6 +155,7 @@ class Consumer:
     async def start(self) -> None:
         """Subscribe the reply inbox, issue the first pulls and start the housekeeping ticker."""
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+        inbox.inline(self._sub, self._on_message, f"pull:{self.service}")
         self._ticker = self._loop.create_task(self._tick_loop())
         await self._pull()
 
@@ -256,19 +259,20 @@ class Consumer:
 
     async def _handle(self, d: _Delivery) -> None:
         """Decode, run the handler, publish its outputs; the last PubAck (or none) finishes it."""
+        msg = d.msg
         try:
-            if len(d.msg.data) > self._svc.max_event_bytes:
-                raise MalformedEvent(f"payload of {len(d.msg.data)} bytes exceeds max_event_bytes "
-                                     f"({self._svc.max_event_bytes})")
-            event = d.event = Event.decode(d.msg.data)
-            ctx = Context(self.service, self._worker, d.reply, d.msg.subject, self._resources, self._svc.settings)
+            if len(msg.data) > self._max_event_bytes:
+                raise MalformedEvent(f"payload of {len(msg.data)} bytes exceeds max_event_bytes "
+                                     f"({self._max_event_bytes})")
+            event = d.event = Event.decode(msg.data)
+            ctx = Context(self.service, self._worker, d.reply, msg.subject, self._resources, self._settings)
             if tracing.enabled():
                 outputs = await self._traced_dispatch(d, event, ctx)
             else:
-                outputs = await self._router.dispatch(event, ctx)
-                if outputs and d.msg.headers and TRACEPARENT_HEADER in d.msg.headers:
+                outputs = bind_outputs(event, await self._router.handler_for(event, self.service)(event, ctx))
+                if outputs and msg.headers and TRACEPARENT_HEADER in msg.headers:
                     for output in outputs:
-                        output.traceparent = d.msg.headers[TRACEPARENT_HEADER]
+                        output.traceparent = msg.headers[TRACEPARENT_HEADER]
             d.handled = True
             self._metrics.duration(event.type, self._loop.time() - d.started)
             if outputs:
@@ -305,7 +309,8 @@ class Consumer:
         d.settled = True
         await self._nc.publish(d.reply, ACK)
         self._tally(d, "ack")
-        await self._forget(d)
+        if self._forget(d):
+            await self._pull()
 
     def _settle_later(self, d: _Delivery, exc: BaseException) -> None:
         task = self._loop.create_task(self._fail(d, exc))
@@ -325,7 +330,8 @@ class Consumer:
         d.settled = True
         await self._nc.publish(d.reply, NAK)
         self._tally(d, "released")
-        await self._forget(d)
+        if self._forget(d):
+            await self._pull()
 
     async def _fail(self, d: _Delivery, exc: BaseException) -> None:
         if d.settled:
@@ -346,7 +352,8 @@ class Consumer:
         log.warning("event.failed", service=self.service, worker=self._worker, outcome=outcome.label,
                     attempt=attempt, delay_s=round(outcome.delay_s, 3), reason=outcome.reason,
                     stream_seq=ack_metadata(d.reply)[1], **_event_fields(event))
-        await self._forget(d)
+        if self._forget(d):
+            await self._pull()
 
     async def _write_dead_letter(self, d: _Delivery, outcome: Outcome, attempt: int) -> bool:
         """Store the entry before terming; if the DLQ cannot be written, keep the message (nak)."""
@@ -397,13 +404,13 @@ class Consumer:
         # Only routed types become label values: a bad producer must not explode the label set.
         self._metrics.outcome(event.type if event is not None and event.type in self._routes else "-", outcome)
 
-    async def _forget(self, d: _Delivery) -> None:
+    def _forget(self, d: _Delivery) -> bool:
+        """Drop a settled delivery; True when its slot makes room for another pull (then pull)."""
         self._in_flight.pop(d.reply, None)
         if d is self._trial:
             self._trial = None
             self._resume_parked()
-        if not self._stopping and self._window - len(self._in_flight) - self._credit >= self._threshold:
-            await self._pull()
+        return not self._stopping and self._window - len(self._in_flight) - self._credit >= self._threshold
 
     # ---- housekeeping ----------------------------------------------------------------------------
 

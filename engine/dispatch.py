@@ -98,16 +98,24 @@ class Router:
 
     async def dispatch(self, event: Event, ctx: Context) -> list[Event]:
         """Run the event's handler and bind what it returns to the event (ids, trace, causation)."""
+        return bind_outputs(event, await self.handler_for(event, ctx.service)(event, ctx))
+
+    def handler_for(self, event: Event, service: str) -> Handler:
+        """The handler of the event's type (the consumer calls it directly: one coroutine less per event)."""
         handler = self._routes.get(event.type)
         if handler is None:
-            raise NoRoute(f"no route for event type {event.type!r} in service {ctx.service!r}")
-        result = await handler(event, ctx)
-        if result is None:
-            return []
-        outputs = [result] if isinstance(result, Event) else list(result)
-        for position, output in enumerate(outputs):
-            output.caused_by(event, position)
-        return outputs
+            raise NoRoute(f"no route for event type {event.type!r} in service {service!r}")
+        return handler
+
+
+def bind_outputs(event: Event, result: HandlerResult) -> list[Event]:
+    """What a handler returned, as a list of events bound to their input (ids, trace, causation)."""
+    if result is None:
+        return []
+    outputs = [result] if isinstance(result, Event) else list(result)
+    for position, output in enumerate(outputs):
+        output.caused_by(event, position)
+    return outputs
 
 
 def _chain(handler: Handler, middleware: Sequence[Middleware]) -> Handler:
