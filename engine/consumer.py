@@ -37,6 +37,7 @@ from engine.dispatch import Context, Router, ack_metadata, bind_outputs
 from engine.errors import HandlerTimeout, MalformedEvent
 from engine.events import TRACEPARENT_HEADER, Event
 from engine.metrics import RouteMetrics
+from engine.outbox import Outbox
 from engine.outcome import Action, Outcome, RetryPolicy, decide
 from engine.publisher import Publisher
 
@@ -117,6 +118,7 @@ class Consumer:
         svc = config.services[service]
         self.service = service
         self._nc = nc
+        self._out = Outbox(nc)
         self._router = router
         self._publisher = publisher
         self._worker = worker
@@ -253,7 +255,7 @@ class Consumer:
             size = min(want, self._batch)
             self._credit += size
             body = orjson.dumps({"batch": size, "expires": self._expires_ns, "idle_heartbeat": self._heartbeat_ns})
-            await self._nc.publish(self._next_subject, body, reply=self._inbox)
+            await self._out.publish(self._next_subject, body, reply=self._inbox)
 
     # ---- processing ------------------------------------------------------------------------------
 
@@ -307,7 +309,7 @@ class Consumer:
         if d.settled:
             return
         d.settled = True
-        await self._nc.publish(d.reply, ACK)
+        await self._out.publish(d.reply, ACK)
         self._tally(d, "ack")
         if self._forget(d):
             await self._pull()

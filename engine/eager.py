@@ -37,6 +37,20 @@ def _continue(coro: Coroutine[Any, Any, T], waiting: Any) -> Generator[Any, None
         return (yield from coro)  # type: ignore[no-any-return]
 
 
+def start_here(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T] | None:
+    """Like :func:`start`, in the caller's context rather than a copy: for the engine's own callbacks,
+    which set no context variables (handlers always get a context of their own through :func:`start`).
+
+    Returns:
+        None if the coroutine finished at once (its result is dropped), else the task continuing it.
+    """
+    try:
+        waiting = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.get_running_loop().create_task(_continue(coro, waiting))
+
+
 def start(coro: Coroutine[Any, Any, T]) -> tuple[bool, T | None, asyncio.Task[T] | None]:
     """Run ``coro`` to its first suspension.
 

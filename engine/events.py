@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ _ID_COUNTER = itertools.count()
 def _reseed_ids() -> None:
     global _ID_PREFIX, _ID_COUNTER
     _ID_PREFIX, _ID_COUNTER = _id_prefix(), itertools.count()
+    _trace_pool.clear()  # a forked child must not repeat its parent's trace ids
 
 
 os.register_at_fork(after_in_child=_reseed_ids)
@@ -69,9 +69,16 @@ def new_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
+_TRACE_IDS_PER_DRAW = 256
+_trace_pool: list[str] = []
+
+
 def new_trace_id() -> str:
-    """A random W3C trace id: 32 lowercase hex digits."""
-    return f"{random.getrandbits(128):032x}"
+    """A random W3C trace id: 32 lowercase hex digits (from the OS's random source, 256 drawn at a time)."""
+    if not _trace_pool:
+        digits = os.urandom(16 * _TRACE_IDS_PER_DRAW).hex()
+        _trace_pool.extend(digits[i:i + 32] for i in range(0, len(digits), 32))
+    return _trace_pool.pop()
 
 
 def derived_id(parent_id: str, position: int) -> str:

@@ -6,7 +6,7 @@ burst, a switch to that task. The pull inbox and the PubAck inbox carry every me
 handles, and their callbacks rarely wait for anything (a handler that computes and returns, an ack
 written to the outgoing buffer), so jetpool runs them where the message is parsed: :func:`inline`
 puts a :class:`_Sink` where the subscription's queue was, and the sink starts the callback at once
-with :func:`engine.eager.start`. A callback that does suspend becomes a task and finishes later while
+with :func:`engine.eager.start_here`. A callback that does suspend becomes a task and finishes later while
 the next messages are handled — ordering between messages of one inbox was never relied on (each
 delivery and each PubAck is matched by its own reply subject).
 
@@ -46,11 +46,11 @@ class _Sink:
     def put_nowait(self, msg: Any) -> None:
         self._sub._pending_size -= len(msg.data)  # nats-py added it; nothing stays pending here
         try:
-            finished, _, task = eager.start(self._cb(msg))
+            task = eager.start_here(self._cb(msg))
         except Exception as exc:  # must never reach nats-py's read loop
             self._failed(exc)
             return
-        if not finished and task is not None:
+        if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._done)
 

@@ -29,6 +29,7 @@ from engine import inbox
 from engine.config import subject_matches
 from engine.errors import PublishError, PublishTimeout
 from engine.events import Event
+from engine.outbox import Outbox
 
 STATUS_HEADER = "Status"
 _SWEEP_INTERVAL_S = 0.25
@@ -96,6 +97,7 @@ class Publisher:
     def __init__(self, nc: Any, subject_prefix: str, timeout_s: float = 10.0, retry_s: float = 30.0,
                  captured: Sequence[str] | None = None) -> None:
         self._nc = nc
+        self._out = Outbox(nc)
         self._prefix = subject_prefix + "."
         self._timeout_s = timeout_s
         self._retry_s = retry_s
@@ -166,7 +168,7 @@ class Publisher:
             entry = _Pending(waiter, self._prefix + event.type, event.encode(), event.headers(), now, deadline)
             reply = self._register(entry)
             try:
-                await self._nc.publish(entry.subject, entry.payload, reply=reply, headers=entry.headers)
+                await self._out.publish(entry.subject, entry.payload, reply=reply, headers=entry.headers)
             except Exception as exc:
                 del self._pending[reply]
                 raise PublishError(f"publish to {entry.subject} failed: {exc!r}") from exc
