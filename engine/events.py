@@ -87,6 +87,7 @@ def derived_id(parent_id: str, position: int) -> str:
 
 
 _clock: list[Any] = [0, ""]
+_new = object.__new__
 
 
 def now_iso() -> str:
@@ -188,7 +189,15 @@ class Event:
                 and (causation_id is None or type(causation_id) is str)
                 and (correlation_id is None or type(correlation_id) is str) and type(v) is int):
             _check_fields(obj)
-        return cls(type_, data, aggregate_id, id_, timestamp, trace_id, causation_id, correlation_id, v)
+        if not (timestamp and trace_id):
+            return cls(type_, data, aggregate_id, id_, timestamp, trace_id, causation_id, correlation_id, v)
+        # Every field is given: skip __init__ and __post_init__, which would only copy and check (hot path).
+        event: Event = _new(cls)
+        event.type, event.data, event.aggregate_id, event.id = type_, data, aggregate_id, id_
+        event.timestamp, event.trace_id, event.causation_id, event.correlation_id = (
+            timestamp, trace_id, causation_id, correlation_id)
+        event.v, event.traceparent = v, ""
+        return event
 
 
 def _check_fields(obj: dict[str, Any]) -> None:
