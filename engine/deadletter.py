@@ -97,8 +97,11 @@ class DeadLetters:
         stream, seq = ack_location(msg.reply)
         route = event.type if event else ""
         error_type, _, message = outcome.reason.partition(": ")
+        # On the first delivery this failure is the first one, so the bucket is not asked: that saves a
+        # round trip to the server per entry of bad input. (A consumer re-created from scratch counts
+        # deliveries from 1 again; its entries then carry the later time. The bucket is best effort.)
         await self._store(service, route, error_type, message or outcome.reason, attempt, msg.subject,
-                          stream, seq, msg.data, dict(msg.headers or {}))
+                          stream, seq, msg.data, dict(msg.headers or {}), earlier_failures=attempt > 1)
 
     async def from_advisory(self, js: Any, advisory: dict[str, Any], service: str) -> None:
         """The server gave up on a message (max deliveries): dead-letter the original."""
@@ -117,8 +120,9 @@ class DeadLetters:
                           dict(original.headers or {}))
 
     async def _store(self, service: str, route: str, error_type: str, message: str, attempts: int,
-                     subject: str, stream: str, seq: int, body: bytes, headers: dict[str, str]) -> None:
-        first = await self._first_failure(service, stream, seq)
+                     subject: str, stream: str, seq: int, body: bytes, headers: dict[str, str],
+                     earlier_failures: bool = True) -> None:
+        first = await self._first_failure(service, stream, seq) if earlier_failures else None
         last = now_iso()
         original_id = headers.get(MSG_ID_HEADER, "")
         headers = {k: v for k, v in headers.items() if not k.startswith(H)}
