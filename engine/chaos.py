@@ -43,6 +43,7 @@ import json
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import time
 import uuid
@@ -894,45 +895,89 @@ async def poison(shop: Shop, orders: int = 2000, rate: float = RATE, seed: int |
         return row
 
 
-async def malformed(shop: Shop, orders: int = 10_000, rate: float = RATE, bad: int = 1000,
+async def malformed(shop: Shop, orders: int = 10_000, rate: float = RATE, bad: int = 1000, blocks: int = 5,
                     seed: int | None = None) -> Row:
-    """Three runs of ``orders``: clean, with ``bad`` malformed events mixed in, clean again. Each malformed event
-    is dead-lettered on its first delivery and no worker crashes. Valid orders' p99 and the CPU the workers and
-    the broker spent in the mixed run are compared with the mean of the clean runs around it (which cancels
-    the drift of a shop whose state grows run after run; CPU time tells the cost of bad input better than
-    latency does on a busy machine)."""
+    """``orders`` valid orders with ``bad`` malformed events spread among them: each malformed event is
+    dead-lettered on its first delivery and no worker crashes. What bad input costs the valid orders is
+    measured against clean traffic in alternating blocks: ``blocks`` mixed blocks (the orders and the malformed
+    events split evenly over them) between ``blocks + 1`` clean blocks of the same size, clean first and last.
+
+    Valid orders' p99 is taken over all the mixed blocks' orders and over all the clean blocks' orders; the
+    per-block p99s and their medians are reported too. Interleaving gives both kinds of block the same share
+    of whatever else the machine runs meanwhile, and the same mean position in a shop whose state grows run
+    after run. CPU (workers and broker) per block tells the cost of bad input better than latency does on a
+    busy machine; ``other_cores_busy`` is what the rest of the machine (neither the shop nor the producer) kept
+    busy, in cores, during each kind of block."""
     async with Session(shop, seed) as s:
         pids = {p.pid for p in shop.workers()}
-        runs = [await _phase(s, orders * k, orders, rate, bad if k == 2 else 0) for k in (1, 2, 3)]
-        settled = await s.settle(3 * orders)
+        size = max(1, orders // max(1, blocks))
+        mixed_batch = await s.new_orders(orders)
+        clean_batch = await s.new_orders(size * (blocks + 1))
+        plan: list[tuple[str, list[Event], int]] = []
+        for k in range(blocks):
+            plan.append(("clean", clean_batch.events[k * size:(k + 1) * size], 0))
+            plan.append(("mixed", mixed_batch.events[k * orders // blocks:(k + 1) * orders // blocks],
+                         (k + 1) * bad // blocks - k * bad // blocks))
+        plan.append(("clean", clean_batch.events[blocks * size:], 0))
+        phases, ended = [], 0
+        for kind, events, n_bad in plan:
+            ended += len(events)
+            phases.append((kind, events, *await _phase(s, events, ended, rate, n_bad)))
+        settled = await s.settle(ended)
         facts = await s.facts()
-        p99s = [percentile(facts.latencies_ms(batch.by_id), 99) for batch, _ in runs]
-        p99_clean, cpu_clean = (p99s[0] + p99s[2]) / 2, (runs[0][1] + runs[2][1]) / 2
+
+        def of(kind: str) -> list[tuple[str, list[Event], float, float, float]]:
+            return [p for p in phases if p[0] == kind]
+
+        def p99(events: Iterable[Event]) -> float:
+            return percentile(facts.latencies_ms(e.aggregate_id for e in events), 99)
+
+        p99_clean, p99_mixed = p99(clean_batch.events), p99(mixed_batch.events)
+        block_p99 = {kind: [p99(p[1]) for p in of(kind)] for kind in ("clean", "mixed")}
+        median_clean, median_mixed = statistics.median(block_p99["clean"]), statistics.median(block_p99["mixed"])
+        cpu = {kind: [p[2] for p in of(kind)] for kind in ("clean", "mixed")}
+        cpu_per_clean_order = sum(cpu["clean"]) / max(1, len(clean_batch.events))
+        extra_cpu_s = sum(cpu["mixed"]) - cpu_per_clean_order * len(mixed_batch.events)
+        other = {kind: sum(p[3] for p in of(kind)) / max(1e-9, sum(p[4] for p in of(kind)))
+                 for kind in ("clean", "mixed")}
         first = len({d.original for d in facts.dead if d.attempts == 1 and d.error_type == "MalformedEvent"})
         retried = sum(1 for d in facts.dead if d.attempts != 1)
         exits = s.records("worker.exited")
-        row = await s.row("malformed", runs[1][0], facts, dlq_expected=bad, notes={
+        row = await s.row("malformed", mixed_batch, facts, dlq_expected=bad, notes={
             "malformed": bad, "dlq_on_first_delivery": first, "worker_crashes": len(exits),
-            "p99_clean_ms": [round(p99s[0]), round(p99s[2])], "p99_mixed_ms": round(p99s[1]),
-            "p99_ratio": round(p99s[1] / p99_clean, 2) if p99_clean else None,
-            "cpu_s_clean": [round(runs[0][1], 1), round(runs[2][1], 1)], "cpu_s_mixed": round(runs[1][1], 1),
-            "cpu_ms_per_malformed": round((runs[1][1] - cpu_clean) * 1000 / max(1, bad), 2), "settled": settled})
+            "blocks": {"clean": len(of("clean")), "mixed": len(of("mixed")), "orders_per_block": size},
+            "p99_clean_ms": round(p99_clean), "p99_mixed_ms": round(p99_mixed),
+            "p99_ratio": round(p99_mixed / p99_clean, 2) if p99_clean else None,
+            "p99_blocks_clean_ms": [round(v) for v in block_p99["clean"]],
+            "p99_blocks_mixed_ms": [round(v) for v in block_p99["mixed"]],
+            "p99_median_ratio": round(median_mixed / median_clean, 2) if median_clean else None,
+            "cpu_s_clean": [round(v, 1) for v in cpu["clean"]], "cpu_s_mixed": [round(v, 1) for v in cpu["mixed"]],
+            "cpu_ms_per_malformed": round(extra_cpu_s * 1000 / max(1, bad), 2),
+            "other_cores_busy": {k: round(v, 2) for k, v in other.items()}, "settled": settled})
         _check(row.problems, first == bad and not retried,
                f"{first} of {bad} malformed events dead-lettered on first delivery, {retried} entries after more")
         _check(row.problems, not exits and {p.pid for p in shop.workers()} == pids, "a worker crashed")
         return row
 
 
-async def _phase(s: Session, ended: int, orders: int, rate: float, bad: int) -> tuple[Orders, float]:
-    """Place ``orders`` (with ``bad`` malformed events spread among them) at ``rate`` valid orders/s and wait
-    until ``ended`` orders ended in all; the orders and the CPU seconds the shop spent on them."""
-    cpu = s.shop.cpu_s()
-    batch = await s.new_orders(orders)
-    items = _interleave(order_items(s.cfg, batch.events), _malformed(s.cfg, bad))
-    await s.producer.place(items, rate * len(items) / max(1, orders))
+async def _phase(s: Session, events: list[Event], ended: int, rate: float, bad: int) -> tuple[float, float, float]:
+    """Place ``events`` (with ``bad`` malformed events spread among them) at ``rate`` valid orders/s and wait
+    until ``ended`` orders ended in all; the CPU seconds the shop spent on them, the CPU seconds anything else
+    but this process (the producer) spent meanwhile, and the phase's wall time."""
+    cpu, others, began = s.shop.cpu_s(), _others_cpu_s(), time.monotonic()
+    items = _interleave(order_items(s.cfg, events), _malformed(s.cfg, bad))
+    await s.producer.place(items, rate * len(items) / max(1, len(events)))
     await s.producer.flush()
     await s.settle(ended)
-    return batch, s.shop.cpu_s() - cpu
+    shop_s = s.shop.cpu_s() - cpu
+    return shop_s, _others_cpu_s() - others - shop_s, time.monotonic() - began
+
+
+def _others_cpu_s() -> float:
+    """CPU seconds the machine has spent busy (all cores) outside this process: the shop and everything else."""
+    machine, mine = psutil.cpu_times(), psutil.Process().cpu_times()
+    busy = machine.user + machine.nice + machine.system + getattr(machine, "irq", 0.0) + getattr(machine, "softirq", 0)
+    return float(busy - mine.user - mine.system)
 
 
 def _malformed(cfg: Config, count: int) -> list[tuple[str, bytes, str]]:
