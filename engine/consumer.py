@@ -157,7 +157,7 @@ class Consumer:
     async def start(self) -> None:
         """Subscribe the reply inbox, issue the first pulls and start the housekeeping ticker."""
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
-        inbox.inline(self._sub, self._on_message, f"pull:{self.service}")
+        inbox.inline(self._nc, self._sub, self._on_message, f"pull:{self.service}")
         self._ticker = self._loop.create_task(self._tick_loop())
         await self._pull()
 
@@ -272,9 +272,9 @@ class Consumer:
                 outputs = await self._traced_dispatch(d, event, ctx)
             else:
                 outputs = bind_outputs(event, await self._router.handler_for(event, self.service)(event, ctx))
-                if outputs and msg.headers and TRACEPARENT_HEADER in msg.headers:
+                if outputs and (traceparent := inbox.header(msg, TRACEPARENT_HEADER)):
                     for output in outputs:
-                        output.traceparent = msg.headers[TRACEPARENT_HEADER]
+                        output.traceparent = traceparent
             d.handled = True
             self._metrics.duration(event.type, self._loop.time() - d.started)
             if outputs:

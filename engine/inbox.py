@@ -1,20 +1,21 @@
-"""Inline delivery for the two hot subscriptions: the read loop runs the callback, no queue, no task hop.
+"""Inline delivery for the two hot subscriptions: the read loop runs the callback on a lean message.
 
-nats-py hands each message of a subscription to an ``asyncio.Queue`` that a task of that subscription
-drains, awaiting the callback before it takes the next message: per message a put, a get and, per
-burst, a switch to that task. The pull inbox and the PubAck inbox carry every message a worker
-handles, and their callbacks rarely wait for anything (a handler that computes and returns, an ack
-written to the outgoing buffer), so jetpool runs them where the message is parsed: :func:`inline`
-puts a :class:`_Sink` where the subscription's queue was, and the sink starts the callback at once
-with :func:`engine.eager.start_here`. A callback that does suspend becomes a task and finishes later while
+nats-py turns every message into a ``Msg`` (subject and reply decoded, every header line parsed into a
+dict) and hands it to an ``asyncio.Queue`` that a task of the subscription drains, awaiting the
+callback before it takes the next message. The pull inbox and the PubAck inbox carry every message a
+worker handles, and the engine reads the headers of almost none of them (a delivery's only matter for
+tracing or a dead letter; a PubAck has none unless it is a 503), so for those two subscriptions
+:func:`inline` routes the messages straight from the protocol parser to the callback, as a
+:class:`Message` whose headers are parsed on first use, and starts the callback at once with
+:func:`engine.eager.start_here`. A callback that does suspend becomes a task and finishes later while
 the next messages are handled — ordering between messages of one inbox was never relied on (each
 delivery and each PubAck is matched by its own reply subject).
 
-This leans on two private attributes of ``nats.aio.subscription.Subscription`` (``_pending_queue``,
-``_pending_size``), as nats-py 2.x has them; :func:`inline` checks they exist and leaves the
-subscription on nats-py's normal path when they do not (tests/integration/test_inbox.py fails then,
-so a nats-py upgrade that changes them is noticed). Measured on the throughput benchmark: see the
-README's benchmark section.
+This leans on nats-py's internals: ``Client._process_msg(sid, subject, reply, data, headers)`` (what
+its parser calls for each message), ``Client._process_headers``, ``Client._subs`` and
+``Subscription._id``, as nats-py 2.16 has them (pyproject pins it). :func:`inline` checks they exist
+and otherwise leaves the subscription on nats-py's normal path; tests/integration/test_inbox.py fails
+then, so an upgrade that changes them is noticed.
 """
 
 from __future__ import annotations
@@ -30,71 +31,121 @@ from engine import eager
 log = structlog.get_logger("jetpool.inbox")
 
 Callback = Callable[[Any], Coroutine[Any, Any, None]]
+_NEEDS_CLIENT = ("_process_msg", "_process_headers", "_subs", "stats")
 
 
-class _Sink:
-    """Stands where a subscription's pending queue was: every message put in is handled at once."""
+class Message:
+    """A message of an inline inbox: what nats-py's ``Msg`` offers the engine, headers parsed when read."""
 
-    __slots__ = ("_cb", "_name", "_sub", "_tasks")
+    __slots__ = ("_headers", "_inbox", "_raw", "data", "reply", "subject")
 
-    def __init__(self, sub: Any, cb: Callback, name: str) -> None:
-        self._sub = sub
-        self._cb = cb
-        self._name = name
+    def __init__(self, inbox: _Inline, subject: str, reply: str, data: bytes, raw_headers: bytes | None) -> None:
+        self._inbox = inbox
+        self.subject = subject
+        self.reply = reply
+        self.data = data
+        self._raw = raw_headers
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        if self._raw is not None:
+            self._headers, self._raw = self._inbox.parse_headers(self._raw), None
+        return self._headers
+
+    def header(self, name: str) -> str | None:
+        """One header's value; without parsing anything when the raw block does not mention it."""
+        if self._raw is not None and name.encode() not in self._raw:
+            return None
+        return (self.headers or {}).get(name)
+
+
+def header(msg: Any, name: str) -> str | None:
+    """A header of a message from either path (a :class:`Message` or nats-py's ``Msg``)."""
+    if type(msg) is Message:
+        return msg.header(name)
+    return (msg.headers or {}).get(name)
+
+
+class _Inline:
+    """One connection's inline subscriptions: sid -> callback; every other sid goes to nats-py as before."""
+
+    def __init__(self, nc: Any) -> None:
+        self._nc = nc
+        self._routes: dict[int, tuple[Callback, str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._original = nc._process_msg
+        nc._process_msg = self._process_msg
 
-    def put_nowait(self, msg: Any) -> None:
-        self._sub._pending_size -= len(msg.data)  # nats-py added it; nothing stays pending here
+    def add(self, sid: int, cb: Callback, name: str) -> None:
+        self._routes[sid] = (cb, name)
+
+    def has(self, sid: int) -> bool:
+        return sid in self._routes
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        route = self._routes.get(sid)
+        if route is None:
+            await self._original(sid, subject, reply, data, headers)
+            return
+        nc = self._nc
+        sub = nc._subs.get(sid)
+        if sub is None:  # unsubscribed: nats-py drops what still arrives for it
+            del self._routes[sid]
+            return
+        sub._received += 1
+        stats = nc.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        cb, name = route
         try:
-            task = eager.start_here(self._cb(msg))
+            task = eager.start_here(cb(Message(self, subject.decode(), reply.decode(), data, headers or None)))
         except Exception as exc:  # must never reach nats-py's read loop
-            self._failed(exc)
+            _failed(name, exc)
             return
         if task is not None:
             self._tasks.add(task)
-            task.add_done_callback(self._done)
+            task.add_done_callback(self._done(name))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._failed(task.exception())
+    def _done(self, name: str) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                _failed(name, task.exception())
+        return done
 
-    def _failed(self, exc: BaseException | None) -> None:
-        # What nats-py does with a callback's exception (its error callback logs it), said once here.
-        log.error("inbox.callback_failed", inbox=self._name, error=repr(exc))
-
-    # What nats-py may still ask of a subscription's queue (drain, unsubscribe, stats).
-
-    def empty(self) -> bool:
-        return True
-
-    def qsize(self) -> int:
-        return 0
-
-    def task_done(self) -> None:
-        return None
-
-    async def get(self) -> Any:
-        """Where the subscription's own task waits: nothing ever arrives here; unsubscribe cancels it."""
-        await asyncio.get_running_loop().create_future()
-
-    async def join(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    def parse_headers(self, raw: bytes) -> dict[str, str] | None:
+        """nats-py's own header parsing (a coroutine that never waits), run to completion here."""
+        coro = self._nc._process_headers(raw)
+        try:
+            coro.send(None)
+        except StopIteration as stop:
+            parsed: dict[str, str] | None = stop.value
+            return parsed
+        coro.close()
+        raise RuntimeError("nats-py's header parsing suspended")
 
 
-def inline(sub: Any, cb: Callback, name: str) -> bool:
+def _failed(name: str, exc: BaseException | None) -> None:
+    # What nats-py does with a callback's exception (its error callback logs it), said once here.
+    log.error("inbox.callback_failed", inbox=name, error=repr(exc))
+
+
+def inline(nc: Any, sub: Any, cb: Callback, name: str) -> bool:
     """Deliver ``sub``'s messages to ``cb`` inline from now on; False if this nats-py cannot (then unchanged).
 
-    ``sub`` must have been created with ``cb`` as its callback: the messages nats-py already queued
-    (none, when called right after ``subscribe``) are still delivered by its own task.
+    Call it right after ``nc.subscribe(..., cb=cb)``, before anything can arrive for ``sub``.
     """
-    if not (hasattr(sub, "_pending_queue") and hasattr(sub, "_pending_size")):
+    if not (all(hasattr(nc, a) for a in _NEEDS_CLIENT) and hasattr(sub, "_id")):
         log.warning("inbox.inline_unavailable", inbox=name, reason="nats-py internals changed")
         return False
-    sub._pending_queue = _Sink(sub, cb, name)
+    dispatch = nc.__dict__.get("_jetpool_inline")
+    if dispatch is None:
+        dispatch = nc._jetpool_inline = _Inline(nc)
+    dispatch.add(sub._id, cb, name)
     return True
 
 
-def is_inline(sub: Any) -> bool:
-    return isinstance(getattr(sub, "_pending_queue", None), _Sink)
+def is_inline(nc: Any, sub: Any) -> bool:
+    dispatch = getattr(nc, "_jetpool_inline", None)
+    return isinstance(dispatch, _Inline) and dispatch.has(sub._id)

@@ -122,7 +122,7 @@ class Publisher:
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox + "*", cb=self._on_puback, pending_msgs_limit=0,
                                              pending_bytes_limit=0)
-        inbox.inline(self._sub, self._on_puback, "puback")
+        inbox.inline(self._nc, self._sub, self._on_puback, "puback")
         self._sweeper = self._loop.create_task(self._sweep())
 
     async def stop(self) -> None:
