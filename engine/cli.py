@@ -84,6 +84,7 @@ def _chaos_parser(sub: Any) -> None:
                             "slow-handler, duplicates, oversized (default: all, in that order)")
     chaos.add_argument("-c", "--config", default="config/shop.yaml", help="the shop's YAML (default: %(default)s)")
     chaos.add_argument("--orders", type=int, help="orders per scenario (default: full size, e.g. 10000)")
+    chaos.add_argument("--rate", type=float, help="valid orders/s offered (default: 150)")
     chaos.add_argument("--workdir", default=".jetpool/chaos", help="brokers' stores and logs (default %(default)s)")
     chaos.add_argument("--json", action="store_true", help="rows as JSON on stdout")
     chaos.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
@@ -252,7 +253,7 @@ async def cmd_chaos(args: argparse.Namespace) -> int:
     from engine import chaos
 
     rows = await chaos.run_chaos(args.scenarios, base_config=Path(args.config), workdir=Path(args.workdir),
-                                 orders=args.orders)
+                                 orders=args.orders, rate=args.rate)
     return chaos.report(rows, args.json)
 
 
