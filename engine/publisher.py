@@ -143,35 +143,26 @@ class Publisher:
         await self._send(_Pending(waiter, subject, payload, headers, now, now + self._timeout_s))
 
     async def _send(self, entry: _Pending) -> None:
-        reply = self._register(entry)
+        """One attempt: a fresh reply subject with ``entry`` waiting on it, then the publish."""
+        self._seq += 1
+        reply = self._inbox + str(self._seq)
+        self._pending[reply] = entry
         try:
-            await self._nc.publish(entry.subject, entry.payload, reply=reply, headers=entry.headers)
+            await self._out.publish(entry.subject, entry.payload, reply=reply, headers=entry.headers)
         except Exception as exc:
             del self._pending[reply]
             raise PublishError(f"publish to {entry.subject} failed: {exc!r}") from exc
 
-    def _register(self, entry: _Pending) -> str:
-        """The reply subject of the next attempt, with ``entry`` waiting on it."""
-        self._seq += 1
-        reply = self._inbox + str(self._seq)
-        self._pending[reply] = entry
-        return reply
-
     async def send_events(self, events: Sequence[Event], waiter: Waiter) -> None:
         """Publish events in order; the waiter hears one PubAck (or failure) per event.
 
-        The hot path of every handler output, so it does what ``send`` does without a coroutine per event.
+        The hot path of every handler output: one deadline for the batch, no ``send`` layer per event.
         """
         now = self._loop.time()
         deadline = now + self._timeout_s
         for event in events:
-            entry = _Pending(waiter, self._prefix + event.type, event.encode(), event.headers(), now, deadline)
-            reply = self._register(entry)
-            try:
-                await self._out.publish(entry.subject, entry.payload, reply=reply, headers=entry.headers)
-            except Exception as exc:
-                del self._pending[reply]
-                raise PublishError(f"publish to {entry.subject} failed: {exc!r}") from exc
+            await self._send(_Pending(waiter, self._prefix + event.type, event.encode(), event.headers(), now,
+                                      deadline))
 
     async def publish_events(self, events: Sequence[Event]) -> None:
         """Publish events and wait until every one is stored; raise on the first failure."""
