@@ -226,9 +226,16 @@ def read(app: App, event_type: str, timeout_s: float = 60.0) -> list[Event]:
             return []
         config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
                                     inactive_threshold=30.0)
-        sub = await js.pull_subscribe(subject, stream=app.stream, config=config)
-        out: list[Event] = []
         deadline = time.monotonic() + timeout_s
+        while True:  # on a cluster that just lost a node, creating the reader can time out for a while
+            try:
+                sub = await js.pull_subscribe(subject, stream=app.stream, config=config)
+                break
+            except nats.errors.TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+        out: list[Event] = []
         try:
             while len(out) < expected:
                 if time.monotonic() > deadline:

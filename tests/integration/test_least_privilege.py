@@ -56,7 +56,8 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     conf = CONF.read_text()
     assert STORE_LINE in conf, "the test removes the store_dir line (EmbeddedServer passes -sd)"
     (directory / "nats.conf").write_text(conf.replace(STORE_LINE, ""))
-    passwords = {user: secrets.token_urlsafe(12) for user in USERS}
+    # Letters first: nats-server reads an environment value that starts with a digit as a number.
+    passwords = {user: "pw" + secrets.token_hex(16) for user in USERS}
     server = EmbeddedServer(store_dir=directory / "nats", config_file=directory / "nats.conf")
     with pytest.MonkeyPatch.context() as mp:  # the server reads its passwords from its environment
         for user, password in passwords.items():
@@ -111,7 +112,7 @@ def counts(shop: Shop) -> dict[str, int]:
     """Messages per subject in SHOP and DLQ, read by the admin."""
 
     async def work(nc: Any, _: list[str]) -> dict[str, int]:
-        js, out = nc.jetstream(), {}
+        js, out = nc.jetstream(), dict[str, int]()
         for stream, subjects in (("SHOP", "shop.>"), ("DLQ", "dlq.>")):
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 out.update((await js.stream_info(stream, subjects_filter=subjects)).state.subjects or {})
