@@ -84,7 +84,8 @@ def _chaos_parser(sub: Any) -> None:
                             "slow-handler, duplicates, oversized (default: all, in that order)")
     chaos.add_argument("-c", "--config", default="config/shop.yaml", help="the shop's YAML (default: %(default)s)")
     chaos.add_argument("--orders", type=int, help="orders per scenario (default: full size, e.g. 10000)")
-    chaos.add_argument("--rate", type=float, help="valid orders/s offered (default: 150)")
+    chaos.add_argument("--rate", type=float,
+                       help="valid orders/s offered (default: each scenario's own, 150; malformed 75)")
     chaos.add_argument("--workdir", default=".jetpool/chaos", help="brokers' stores and logs (default %(default)s)")
     chaos.add_argument("--json", action="store_true", help="rows as JSON on stdout")
     chaos.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")

@@ -55,9 +55,14 @@ class Message:
 
     def header(self, name: str) -> str | None:
         """One header's value; without parsing anything when the raw block does not mention it."""
-        if self._raw is not None and name.encode() not in self._raw:
-            return None
+        if self._raw is not None:
+            encoded = _ENCODED.get(name) or _ENCODED.setdefault(name, name.encode())
+            if encoded not in self._raw:
+                return None
         return (self.headers or {}).get(name)
+
+
+_ENCODED: dict[str, bytes] = {}  # header names as bytes, encoded once
 
 
 def header(msg: Any, name: str) -> str | None:

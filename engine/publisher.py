@@ -182,17 +182,11 @@ class Publisher:
         entry = self._pending.pop(msg.subject, None)
         if entry is None:
             return  # a late PubAck of an attempt already retried or failed
-        if msg.headers is None and b'"error"' not in msg.data:
-            await entry.waiter.on_puback(None)  # stored: the common case, without parsing the PubAck
-            return
-        error = _puback_error(msg, self._captured is None or self._is_captured(entry.subject))
+        error = _puback_error(msg, entry.subject, self._captured)
         if isinstance(error, _Transient):
             self._retry_or_fail(entry, PublishError(str(error)))
         else:
             await entry.waiter.on_puback(error)
-
-    def _is_captured(self, subject: str) -> bool:
-        return any(subject_matches(pattern, subject) for pattern in self._captured or ())
 
     def _retry_or_fail(self, entry: _Pending, error: Exception) -> None:
         """Send again after a backoff if the budget allows, else tell the waiter (from a task)."""
@@ -233,10 +227,15 @@ class Publisher:
                                                              f"(tried {late.tries} times over {self._retry_s}s)"))
 
 
-def _puback_error(msg: Any, captured: bool) -> Exception | None:
-    """None for a stored message, a _Transient worth retrying, or the reason it was not stored."""
+def _puback_error(msg: Any, subject: str, captured: Sequence[str] | None) -> Exception | None:
+    """None for a stored message, a _Transient worth retrying, or the reason it was not stored.
+
+    ``captured``: the subject patterns of the configured streams (None: treat every 503 as transient).
+    """
+    if msg.headers is None and b'"error"' not in msg.data:
+        return None  # stored: the common case, told without parsing the PubAck
     if msg.headers and msg.headers.get(STATUS_HEADER) == "503":
-        if captured:
+        if captured is None or any(subject_matches(pattern, subject) for pattern in captured):
             return _Transient("no stream leader answered (503 no responders: election or restart)")
         return PublishError("no stream captures this subject (503 no responders)")
     try:

@@ -101,6 +101,7 @@ def test_inline_messages_carry_subject_reply_data_and_headers(nats_server: Embed
         while len(got) < 3 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         plain, with_headers, other = got
+        assert all(type(m) is inbox.Message for m in got)  # nats-py's Msg would mean the fallback ran
         assert (plain.subject, plain.reply, plain.data, plain.headers) == (subject, "r.1", b"plain", None)
         assert inbox.header(with_headers, "traceparent") == "tp"
         assert with_headers.headers == {"Nats-Msg-Id": "m1", "traceparent": "tp"}

@@ -72,9 +72,18 @@ def test_outbox_sends_what_client_publish_sends(nats_server: EmbeddedServer) -> 
         subject = "outbox.test"
         before = dict(sender.stats)
 
+        client_publish = sender.publish
+        handed_on: list[bytes] = []  # what the outbox passed to Client.publish instead of writing itself
+
+        async def recording_publish(subj: str, payload: bytes = b"", **kw: Any) -> None:
+            handed_on.append(payload)
+            await client_publish(subj, payload, **kw)
+
         async def send_both() -> None:
             for payload, reply, headers in cases:
+                sender.publish = recording_publish
                 await outbox.publish(subject, payload, reply=reply, headers=headers)
+                sender.publish = client_publish
                 await sender.publish(subject, payload, reply=reply, headers=headers)
 
         got = await _received(receiver, subject, 2 * len(cases), send_both)
@@ -85,6 +94,7 @@ def test_outbox_sends_what_client_publish_sends(nats_server: EmbeddedServer) -> 
         assert got[4].headers == {"Nats-Msg-Id": "0123abcd", "traceparent": TRACEPARENT}
         assert got[8].headers["Nats-Msg-Id"] == "padded"
         assert sender.stats["out_msgs"] - before["out_msgs"] == 2 * len(cases)
+        assert handed_on == [b"odd header", b"blank value"]  # the first three took the fast path
 
     _run(check, nats_server)
 
