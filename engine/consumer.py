@@ -248,14 +248,27 @@ class Consumer:
         """Ask for as many messages as fit the free part of the window, a batch per request."""
         # Deliveries for requests already written off (missed heartbeats) can push credit below zero.
         self._credit = max(self._credit, 0)
-        while not self._stopping and self._nc.is_connected and not self._parked and self.breakers_closed:
-            want = self._window - len(self._in_flight) - self._credit
-            if want < self._threshold:
-                return
-            size = min(want, self._batch)
+        while size := self._pull_size():
             self._credit += size
             body = orjson.dumps({"batch": size, "expires": self._expires_ns, "idle_heartbeat": self._heartbeat_ns})
             await self._out.publish(self._next_subject, body, reply=self._inbox)
+
+    def _pull_size(self) -> int:
+        """How many messages to ask for now: the free window in batches, one trial, or none.
+
+        While a breaker is not closed, parked deliveries are its trials and nothing is pulled. Once
+        they are all settled some other way (their retry failed before reaching the breaker, or
+        their handler no longer needed it), pybreaker still says "open": it moves to half-open only
+        when called. So when the breaker is due and nothing is in flight, one message is let in, and
+        its handler's call is the trial; without that, the consumer would never pull again.
+        """
+        if self._stopping or self._parked or not self._nc.is_connected:
+            return 0
+        if not self.breakers_closed:
+            due = not any(b.is_open for b in self._breakers)
+            return 1 if due and not self._in_flight and not self._credit else 0
+        want = self._window - len(self._in_flight) - self._credit
+        return min(want, self._batch) if want >= self._threshold else 0
 
     # ---- processing ------------------------------------------------------------------------------
 

@@ -55,3 +55,12 @@ async def chain(event: Event, ctx: Context) -> Event | None:
     """Start → Mid → End: three services passing one flow along (for trace propagation)."""
     following = NEXT_HOP.get(event.type)
     return Event(type=following, data=event.data, aggregate_id=event.aggregate_id) if following else None
+
+
+async def fails_early_or_through_breaker(event: Event, ctx: Context) -> Event:
+    """Like :func:`through_breaker`, but fails before reaching the breaker while ``<control>.early`` exists."""
+    control = Path(str(ctx.settings["control_file"]))
+    if control.with_suffix(".early").exists():
+        raise RuntimeError("failed before calling the dependency")
+    await ctx.breaker("dependency").call(_dependency, control)
+    return _pong(event)

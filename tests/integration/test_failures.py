@@ -197,6 +197,41 @@ def test_open_breaker_parks_events_instead_of_dead_lettering_them(make_config: C
     assert consumer_info(app, "echo").num_redelivered <= 5
 
 
+def test_a_breaker_left_open_with_nothing_parked_still_gets_its_trial(make_config: Callable[..., App],
+                                                                     engine: StartEngine, tmp_path: Path) -> None:
+    """Parked events whose retries fail before reaching the breaker settle elsewhere; pulling must go on.
+
+    pybreaker leaves "open" only when called, so a consumer that waited for it to close with nothing
+    parked would never pull again (and its liveness would not notice: it has no pull outstanding).
+    """
+    control = tmp_path / "outage"
+    early = control.with_suffix(".early")
+    control.touch()
+    app = with_dlq(
+        make_config({"echo": {"routes": {"Ping": f"{FAILING}:fails_early_or_through_breaker"}, "max_deliver": 100,
+                              "breakers": ["dependency"], "settings": {"control_file": str(control)},
+                              "retry": {"delays_s": [0.05]}, "max_in_flight": 8, "batch": 8}}),
+        breakers={"dependency": {"fail_max": 2, "reset_timeout_s": 0.5}})
+    run = engine(app)
+    sent = pings(40)
+    publish(app, sent)
+    wait_for(lambda: any(r.get("event") == "breaker.open" for r in run.records()), 30, "the breaker to trip",
+             detail=run.tail)
+    early.touch()  # the parked events' trials now fail before they reach the breaker, and settle as naks
+
+    def early_failures() -> int:
+        return sum("before calling" in str(r.get("reason")) for r in run.records("event.failed"))
+
+    # More early failures than the window holds: the consumer kept pulling after its parked events were gone.
+    wait_for(lambda: early_failures() > 8, 30, "pulls to go on after the parked events settled", detail=run.tail)
+    early.unlink()
+    control.unlink()
+    wait_for(lambda: count(app, "Pong") >= 40, 60, "all 40 Pongs after recovery", detail=run.tail)
+    wait_for(lambda: settled(app, "echo"), 30, "the consumer to settle", detail=run.tail)
+    assert {p.id for p in read(app, "Pong")} == expected_pong_ids(sent)
+    assert dlq(app) == []
+
+
 def test_worker_killed_on_every_attempt_is_caught_by_the_max_deliveries_advisory(
         make_config: Callable[..., App], engine: StartEngine) -> None:
     app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}, "max_deliver": 2,
