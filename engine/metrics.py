@@ -12,6 +12,7 @@ locked mmap write (or three) per message.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -59,8 +60,15 @@ BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 
 
 def prepare_multiprocess_dir(path: str | None = None) -> Path:
-    """Point PROMETHEUS_MULTIPROC_DIR at an empty directory (before any worker is spawned)."""
-    chosen = path or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="jetpool-metrics-")
+    """Point PROMETHEUS_MULTIPROC_DIR at an empty directory (before any worker is spawned).
+
+    A directory given (argument or environment) is emptied; otherwise a temporary one is made, and
+    removed when this process exits.
+    """
+    chosen = path or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not chosen:
+        chosen = tempfile.mkdtemp(prefix="jetpool-metrics-")
+        atexit.register(shutil.rmtree, chosen, ignore_errors=True)
     directory = Path(chosen)
     if directory.exists():
         shutil.rmtree(directory)
