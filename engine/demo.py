@@ -48,7 +48,7 @@ from engine.errors import JetpoolError
 from engine.events import Event, now_iso
 from engine.publisher import Publisher
 from engine.shop_cli import audit_service, timeline_table
-from engine.state import KVState
+from engine.state import KVState, StateStore
 from handlers import inventory
 from handlers.audit_store import SqliteAuditStore
 from handlers.gateway import ControlFile, SqliteLedger
@@ -210,18 +210,38 @@ async def place_orders(publisher: Publisher, orders: list[Event], rate: float, t
 # ---- the run -------------------------------------------------------------------------------------
 
 
+_MARKS = {"passed": "[green]✔[/]", "failed": "[red]✘[/]", "skipped": "[dim]○[/]"}
+
+
 @dataclass
 class Outcome:
-    """What the checks found."""
+    """What the checks found: each line passed, failed, or was skipped (and says why)."""
 
-    lines: list[tuple[bool, str]] = field(default_factory=list)
+    lines: list[tuple[str, str]] = field(default_factory=list)  # (passed | failed | skipped, text)
 
     def check(self, ok: bool, text: str) -> None:
-        self.lines.append((ok, text))
+        self.lines.append(("passed" if ok else "failed", text))
+
+    def skip(self, check: str, why: str) -> None:
+        """A check this machine cannot do (e.g. the deployment's files are elsewhere): neither ✔ nor ✘."""
+        self.lines.append(("skipped", f"{check} skipped: {why}"))
 
     @property
     def ok(self) -> bool:
-        return all(ok for ok, _ in self.lines)
+        return all(status != "failed" for status, _ in self.lines)
+
+    def render(self) -> list[str]:
+        """One line per check, then the verdict, which says how many checks were skipped."""
+        lines = [f"  {_MARKS[status]} {text}" for status, text in self.lines]
+        skipped = sum(1 for status, _ in self.lines if status == "skipped")
+        if not self.ok:
+            lines.append("[red]invariants violated[/]")
+        elif skipped:
+            lines.append(f"[green]all checked invariants hold[/] ({skipped} "
+                         f"check{'s' if skipped > 1 else ''} skipped)")
+        else:
+            lines.append("[green]all invariants hold[/]")
+        return lines
 
 
 @dataclass(frozen=True)
@@ -389,13 +409,14 @@ class ShopLoad:
                       f"{len(lost)} orders lost" + (f" (e.g. {lost[0]})" if lost else "")
                       + (f", {self.tracker.publish_errors} publishes failed" if self.tracker.publish_errors else ""))
         self._check_charges(outcome, kinds)
-        await self._check_stock(js, outcome, kinds)
+        await self._check_stock(KVState(await js.key_value("stock")), outcome, kinds)
         example = await self._check_audit(outcome, kinds)
-        for ok, text in outcome.lines:
-            self.console.print(f"  {'[green]✔[/]' if ok else '[red]✘[/]'} {text}")
+        *checks, verdict = outcome.render()
+        for line in checks:
+            self.console.print(line)
         if example is not None:
             self.console.print(example)
-        self.console.print("[green]all invariants hold[/]" if outcome.ok else "[red]invariants violated[/]")
+        self.console.print(verdict)
         return EXIT_OK if outcome.ok else EXIT_FAILED
 
     async def _order_records(self, js: Any) -> dict[str, Any]:
@@ -435,7 +456,8 @@ class ShopLoad:
     def _check_charges(self, outcome: Outcome, kinds: dict[str, str]) -> None:
         path = self._gateway_settings().get("ledger")
         if not path or not Path(path).exists():
-            outcome.check(True, "double-charge check skipped: the gateway ledger is not on this machine")
+            outcome.skip("double-charge check", f"the gateway ledger {path} is not on this machine" if path
+                         else f"{self.cfg.source} names no gateway ledger (payments settings.gateway.ledger)")
             return
         ledger = SqliteLedger(path)
         try:
@@ -450,12 +472,11 @@ class ShopLoad:
                  or ("refund" in moves[oid]) != (kind == "out_of_stock")]
         outcome.check(not doubles and not wrong,
                       f"no double charge: {charged} orders charged once, {refunds} refunded once"
-                      + (f"; [red]{len(doubles)} charged twice[/]" if doubles else "")
+                      + (f"; [red]{len(doubles)} charged or refunded twice[/]" if doubles else "")
                       + (f"; [red]{len(wrong)} orders' money does not match their end (e.g. {wrong[0]})[/]"
                          if wrong else ""))
 
-    async def _check_stock(self, js: Any, outcome: Outcome, kinds: dict[str, str]) -> None:
-        store = KVState(await js.key_value("stock"))
+    async def _check_stock(self, store: StateStore, outcome: Outcome, kinds: dict[str, str]) -> None:
         sold = Counter[str]()
         for oid, kind in kinds.items():
             if kind == "confirmed":
@@ -476,11 +497,12 @@ class ShopLoad:
     async def _check_audit(self, outcome: Outcome, kinds: dict[str, str]) -> Any:
         try:
             service = audit_service(self.cfg)
-        except JetpoolError:
+        except JetpoolError as exc:
+            outcome.skip("audit check", str(exc))
             return None
         path = Path(str(self.cfg.services[service].settings.get("db_path", "")))
         if not path.exists():
-            outcome.check(True, f"audit check skipped: {path} is not on this machine")
+            outcome.skip("audit check", f"the audit store {path} is not on this machine")
             return None
         store = SqliteAuditStore(path)
         try:
