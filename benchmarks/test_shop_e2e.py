@@ -16,17 +16,19 @@ Writes ``benchmarks/results/shop_e2e.json`` and ``shop_e2e.png`` (throughput and
 against offered load). Run it with ``make bench`` or
 ``.venv/bin/pytest benchmarks/test_shop_e2e.py --benchmark-only -s``. Sizes can be set with
 ``SHOP_BENCH_ORDERS`` (sustained run, default 6000) and ``SHOP_BENCH_POINT_S`` (seconds per load
-point, default 8).
+point, default 8). :func:`run_e2e` is the whole run; ``tests/integration/test_shop_bench_smoke.py``
+runs a tiny one of it into a temp dir so the sweep and the plot cannot rot unnoticed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,33 @@ RESULTS = REPO / "benchmarks" / "results"
 SUSTAINED_ORDERS = int(os.environ.get("SHOP_BENCH_ORDERS", "6000"))
 POINT_S = float(os.environ.get("SHOP_BENCH_POINT_S", "8"))
 FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big a run is; the defaults are the benchmark's.
+
+    Attributes:
+        orders: orders of the backlog drain.
+        point_s: seconds of orders at each offered-load point.
+        warmup: orders of the warm-up run.
+        min_point_orders: orders of a point at least.
+    """
+
+    orders: int = SUSTAINED_ORDERS
+    point_s: float = POINT_S
+    warmup: int = 500
+    min_point_orders: int = 200
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The runs of one benchmark: the backlog drain, the offered-load points, the best and half load."""
+
+    drain: Summary
+    points: list[Summary]
+    sustained: Summary
+    half: Summary
 
 
 def shop_config(directory: Path, url: str) -> Path:
@@ -131,27 +160,43 @@ def sustained_point(points: list[Summary]) -> Summary:
     return max(points, key=lambda p: p.steady_per_s)
 
 
-@pytest.mark.timeout(900)
-def test_shop_end_to_end(benchmark: Any) -> None:
-    console = Console(width=120)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def run_e2e(results: Path, console: Console, sizes: Sizes | None = None,
+            timed: Callable[[Callable[[], Summary]], Summary] | None = None) -> Sweep:
+    """Drain, sweep, half load on a fresh shop; write ``shop_e2e.json`` and ``shop_e2e.png`` into ``results``.
+
+    Args:
+        results: the output directory (created if missing).
+        console: where the load generator reports.
+        sizes: how big (default: the benchmark's sizes).
+        timed: runs the backlog drain, e.g. through pytest-benchmark (default: just run it).
+    """
+    sizes = sizes or Sizes()
+    results.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="shop-bench-") as tmp, shop(Path(tmp)) as cfg:
-        measure(cfg, 500, 0, console)  # warm-up: imports, connections, first KV keys
-        drain: Summary = benchmark.pedantic(measure, args=(cfg, SUSTAINED_ORDERS, 0, console), rounds=1,
-                                            iterations=1)
+        measure(cfg, sizes.warmup, 0, console)  # warm-up: imports, connections, first KV keys
+        drain_run = functools.partial(measure, cfg, sizes.orders, 0, console)
+        drain = timed(drain_run) if timed is not None else drain_run()
         points = []
         for fraction in FRACTIONS:
             rate = round(drain.orders_per_s * fraction)
-            points.append(measure(cfg, max(200, int(rate * POINT_S)), rate, console))
+            points.append(measure(cfg, max(sizes.min_point_orders, int(rate * sizes.point_s)), rate, console))
         sustained = sustained_point(points)
         half_rate = round(sustained.steady_per_s / 2)
-        half = measure(cfg, max(200, int(half_rate * POINT_S)), half_rate, console)
+        half = measure(cfg, max(sizes.min_point_orders, int(half_rate * sizes.point_s)), half_rate, console)
     result = {"backlog_drain": asdict(drain), "sustained": asdict(sustained), "half_load": asdict(half),
               "points": [asdict(p) for p in points], "cpus": len(os.sched_getaffinity(0)),
               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-    (RESULTS / "shop_e2e.json").write_text(json.dumps(result, indent=2))
-    plot(points, drain, sustained, half, RESULTS / "shop_e2e.png")
+    (results / "shop_e2e.json").write_text(json.dumps(result, indent=2))
+    plot(points, drain, sustained, half, results / "shop_e2e.png")
+    return Sweep(drain, points, sustained, half)
+
+
+@pytest.mark.timeout(900)
+def test_shop_end_to_end(benchmark: Any) -> None:
+    console = Console(width=120)
+    sweep = run_e2e(RESULTS, console, timed=lambda run: benchmark.pedantic(run, rounds=1, iterations=1))
+    drain, sustained, half = sweep.drain, sweep.sustained, sweep.half
     benchmark.extra_info.update(sustained_orders_per_s=round(sustained.steady_per_s, 1),
                                 backlog_drain_orders_per_s=round(drain.orders_per_s, 1),
                                 half_load_p50_ms=round(half.p50_ms, 1), half_load_p99_ms=round(half.p99_ms, 1))
