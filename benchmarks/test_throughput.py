@@ -5,10 +5,12 @@
 
 Every contender drains the same prefilled BENCH stream (200-byte events, file storage) through the same
 durable pull consumer, with the same no-op work: ``process`` publishes one output per input and acks the
-input after the output's PubAck; ``consume`` only acks. Each round prefills afresh (not timed); the rate
-is timed from the first delivery to the last ack, so process start-up is excluded. The session prints a
-table of medians, the engine/floor ratios and peak RSS per worker; pytest-benchmark's own timing (which
-includes start-up) is kept in its JSON for reference.
+input after the output's PubAck; ``consume`` only acks. Rounds are interleaved: each runs floor, jetpool
+and FastStream once (in an order rotated every round) on a freshly prefilled stream, so a slow spell of
+a shared machine lands on every contender. Each rate is timed from the first delivery to the last ack,
+so process start-up and prefilling are excluded. The session prints a table of medians, the
+engine/floor ratios (of the medians, and the median of each round's own ratio) and peak RSS per worker;
+pytest-benchmark's own timing of a whole round is kept in its JSON for reference.
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ RESULTS: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
 
 Runner = Callable[[str, int, int, Mode], dict[str, Any]]
 CONTENDERS: dict[str, Runner] = {"floor": run_floor, "jetpool": run_engine, "faststream": run_faststream}
-CASES = [(name, mode, workers) for mode in ("process", "consume") for workers in (1, 2)
-         for name in ("floor", "jetpool", "faststream")]
+CASES = [(mode, workers) for mode in ("process", "consume") for workers in (1, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +55,32 @@ def _fresh_stream(url: str, name: str) -> None:
         asyncio.run(create_consumer(url))
 
 
-@pytest.mark.parametrize(("name", "mode", "workers"), CASES, ids=[f"{n}-{m}-{w}w" for n, m, w in CASES])
-def test_throughput(benchmark: Any, server: EmbeddedServer, name: str, mode: Mode, workers: int) -> None:
-    if name == "faststream" and not faststream_available():
+def round_order(round_index: int) -> list[str]:
+    """The contenders of one round, rotated every round so none always runs first or last."""
+    names = list(CONTENDERS)
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
+
+
+@pytest.mark.parametrize(("mode", "workers"), CASES, ids=[f"{m}-{w}w" for m, w in CASES])
+def test_throughput(benchmark: Any, server: EmbeddedServer, mode: Mode, workers: int) -> None:
+    """Interleaved rounds: each round runs every contender once, so a slow spell of a shared machine
+    hits all of them (and the per-round ratio) rather than one contender's rounds."""
+    if not faststream_available():
         pytest.fail("FastStream is not installed: run 'make bench' (installs the 'bench' extra)")
-    runs: list[dict[str, Any]] = []
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
 
     def one_round() -> None:
-        runs.append(CONTENDERS[name](server.url, N, workers, mode))
+        for name in round_order(len(runs["floor"])):
+            _fresh_stream(server.url, name)
+            runs[name].append(CONTENDERS[name](server.url, N, workers, mode))
 
-    benchmark.pedantic(one_round, setup=lambda: _fresh_stream(server.url, name), rounds=ROUNDS, iterations=1)
-    assert all(r["msgs"] == N for r in runs)
-    RESULTS[(name, mode, workers)] = runs
-    benchmark.extra_info.update(summary(runs))
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    for name, got in runs.items():
+        assert [r["msgs"] for r in got] == [N] * ROUNDS, name
+        RESULTS[(name, mode, workers)] = got
+        benchmark.extra_info[name] = summary(got)
+    benchmark.extra_info["round_ratios"] = round_ratios(runs["jetpool"], runs["floor"])
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -76,19 +90,30 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "peak_rss_mib": max(rss)}
 
 
+def round_ratios(engine: list[dict[str, Any]], floor: list[dict[str, Any]]) -> list[float]:
+    """jetpool / floor within each round (the two ran minutes apart at most)."""
+    return [round(e["msg_per_s"] / f["msg_per_s"], 3) for e, f in zip(engine, floor, strict=True)]
+
+
 def table() -> str:
-    lines = [f"{N:,} events x {ROUNDS} rounds, medians (msg/s); ratio = jetpool / floor", "",
-             "| loop | workers | floor | jetpool | ratio | FastStream | jetpool peak RSS/worker |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"{N:,} events x {ROUNDS} interleaved rounds, medians (msg/s); ratio = jetpool / floor of the "
+             "medians; per round = median of the rounds' own ratios (and their range)", "",
+             "| loop | workers | floor | jetpool | ratio | per round | FastStream | jetpool peak RSS/worker |",
+             "|---|---|---|---|---|---|---|---|"]
     for mode in ("process", "consume"):
         for workers in (1, 2):
-            got = {n: summary(RESULTS[(n, mode, workers)]) for n in CONTENDERS if (n, mode, workers) in RESULTS}
+            got = {n: RESULTS[(n, mode, workers)] for n in CONTENDERS if (n, mode, workers) in RESULTS}
             if not got:
                 continue
-            floor, engine, peer = (got.get(k, {}).get("median_msg_per_s") for k in ("floor", "jetpool", "faststream"))
+            med = {n: summary(r)["median_msg_per_s"] for n, r in got.items()}
+            floor, engine, peer = med.get("floor"), med.get("jetpool"), med.get("faststream")
             ratio = f"{engine / floor:.2f}" if floor and engine else "-"
-            rss = got.get("jetpool", {}).get("peak_rss_mib", "-")
-            cells = [mode, str(workers), _fmt(floor), _fmt(engine), ratio, _fmt(peer), f"{rss} MiB"]
+            per_round = "-"
+            if "floor" in got and "jetpool" in got:
+                each = round_ratios(got["jetpool"], got["floor"])
+                per_round = f"{statistics.median(each):.2f} ({min(each):.2f}-{max(each):.2f})"
+            rss = summary(got["jetpool"])["peak_rss_mib"] if "jetpool" in got else "-"
+            cells = [mode, str(workers), _fmt(floor), _fmt(engine), ratio, per_round, _fmt(peer), f"{rss} MiB"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
