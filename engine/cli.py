@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -188,10 +189,10 @@ async def dlq_action(args: argparse.Namespace, cfg: Config, js: Any) -> int:
     action = args.dlq_command
     if action == "list":
         entries = await deadletter.list_entries(js, cfg, args.service, args.limit)
-        _print([e.to_json() for e in entries] if args.json else [_line(e) for e in entries], args.json)
+        _print([e.to_json() for e in entries] if args.json else _table(entries), args.json)
     elif action == "show":
         entry = await deadletter.get_entry(js, cfg, args.id)
-        _print(entry.to_json(), True)
+        _print(entry.to_json() if args.json else _details(entry), args.json)
     elif action == "replay":
         if args.id is not None:
             entries = [await deadletter.get_entry(js, cfg, args.id)]
@@ -205,9 +206,69 @@ async def dlq_action(args: argparse.Namespace, cfg: Config, js: Any) -> int:
     return 0
 
 
+def _table(entries: list[deadletter.Entry]) -> list[str]:
+    if not entries:
+        return ["no dead-letter entries"]
+    header = f"{'ID':>6}  {'LAST FAILURE':<24}  {'SERVICE':<14} {'ROUTE':<18} {'ATTEMPTS':>8}  ERROR"
+    return [header, *(_line(e) for e in entries)]
+
+
 def _line(e: deadletter.Entry) -> str:
-    return (f"{e.id:>6}  {e.last_failure}  {e.service:<14} {e.route or '-':<18} attempts={e.attempts}  "
-            f"{e.error_type}: {e.error[:80]}")
+    return _printable(f"{e.id:>6}  {e.last_failure:<24}  {e.service:<14} {e.route or '-':<18} "
+                      f"{e.attempts:>8}  {e.error_type}: {_clip(e.error, 80)}")
+
+
+BODY_MAX_CHARS = 4000
+BODY_MAX_LINES = 60
+BODY_HEX_BYTES = 256
+
+
+def _details(e: deadletter.Entry) -> list[str]:
+    """One entry for a person: a field per line, the original headers, then the body."""
+    fields = [("id", e.id), ("service", e.service), ("route", e.route or "-"), ("error type", e.error_type),
+              ("error", e.error), ("attempts", e.attempts), ("subject", e.subject), ("stream", e.stream),
+              ("stream seq", e.stream_seq), ("first failure", e.first_failure), ("last failure", e.last_failure)]
+    lines = [f"{name + ':':<15}{value}" for name, value in fields]
+    headers = e.original_headers()
+    lines.append("headers:" + ("" if headers else "       (none)"))
+    lines += [f"  {name}: {value}" for name, value in sorted(headers.items())]
+    return [_printable(line) for line in lines] + _body(e.body)
+
+
+def _body(body: bytes) -> list[str]:
+    """The body as text (indented when it is JSON) or, when not UTF-8, as hex; a long body is cut short."""
+    if not body:
+        return ["body:          (empty)"]
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        head = body[:BODY_HEX_BYTES]
+        lines = [f"body:          {len(body)} bytes, not UTF-8 (hex)"]
+        lines += [f"  {head[i:i + 32].hex(' ')}" for i in range(0, len(head), 32)]
+        if len(body) > len(head):
+            lines.append(f"  ... cut short: {len(head)} of {len(body)} bytes shown")
+        return lines
+    kind = "text"
+    with contextlib.suppress(orjson.JSONDecodeError):
+        text = orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2).decode()
+        kind = "JSON"
+    kept = text[:BODY_MAX_CHARS].splitlines()[:BODY_MAX_LINES]
+    lines = [f"body:          {len(body)} bytes, {kind}", *(_printable(f"  {line}") for line in kept)]
+    if len(text) > BODY_MAX_CHARS or len(text.splitlines()) > BODY_MAX_LINES:
+        shown = len("\n".join(kept))
+        lines.append(f"  ... cut short: {shown} of {len(text)} characters shown (--json prints the whole body)")
+    return lines
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _printable(text: str) -> str:
+    """Escape control characters, so a stored body or error cannot drive the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _print(value: Any, as_json: bool) -> None:

@@ -264,7 +264,7 @@ def test_dlq_cli_lists_shows_replays_and_purges(make_config: Callable[..., App],
     as_json = run_cli(["dlq", "list", "--json", "--service", "echo", *cfg])
     ids = [e["id"] for e in json.loads(as_json.stdout)]
     assert len(ids) == 3
-    shown = json.loads(run_cli(["dlq", "show", str(ids[0]), *cfg]).stdout)
+    shown = json.loads(run_cli(["dlq", "show", "--json", str(ids[0]), *cfg]).stdout)
     assert shown["body"]["id"] in {e.id for e in rejected} and shown["error_type"] == "Reject"
     missing = run_cli(["dlq", "show", "999999", *cfg])
     assert missing.returncode == 2 and "no dead-letter entry 999999" in missing.stderr
