@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
+import os
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.config import Config
@@ -107,9 +111,27 @@ class Probes:
         for service in {s.spec.service for s in self._supervisor.slots}:
             WORKERS_READY.labels(service).set(sum(1 for w in self._reports() if w["service"] == service and w["ready"]))
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(WorkerFiles(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
         body = generate_latest(registry) + generate_latest(SUPERVISOR_REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class WorkerFiles:
+    """The metric files of every worker, living or dead, merged — but not the supervisor's own.
+
+    When PROMETHEUS_MULTIPROC_DIR is set before the supervisor starts, prometheus-client keeps the
+    supervisor's registry in files of that directory too; served from there as well, every family of
+    that registry would appear twice (once with a ``pid`` label), which Prometheus rejects.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def collect(self) -> Iterable[Metric]:
+        own = f"_{os.getpid()}.db"
+        files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if not f.endswith(own)]
+        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
 
 
 class LagSampler:

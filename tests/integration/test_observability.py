@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -9,14 +10,20 @@ import signal
 import subprocess
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.embedded import EmbeddedServer
+from engine import Context, Event
+from engine.embedded import EmbeddedServer, free_port
 from engine.metrics import EXPORTED_METRICS
-from tests.support import HANDLERS, App, Engine, count, pings, publish, wait_for
+from handlers.gateway import ControlFile
+from tests.shop_support import order_placed, write_shop_config
+from tests.support import HANDLERS, App, Engine, count, pings, publish, publish_raw, wait_for
 from tests.unit.test_dashboard import promtool
 
 StartEngine = Callable[..., Engine]
@@ -61,11 +68,8 @@ def test_one_aggregated_metrics_endpoint_for_all_workers(make_config: Callable[.
     publish(app, pings(200))
     wait_for(lambda: count(app, "Pong") >= 200, 60, "200 Pongs", detail=run.tail)
 
-    def handled() -> str | None:
-        text = get(port, "/metrics")[1]
-        return text if total(text, "jetpool_events_handled_total", outcome="ack") == 200 else None
-
-    text = wait_for(handled, 30, "200 acked events in /metrics")
+    text = scrape_until(port, lambda t: total(t, "jetpool_events_handled_total", outcome="ack") == 200,
+                        "200 acked events in /metrics")
     families = {f.name for f in text_string_to_metric_families(text)}
     # prometheus_client's parser names counters without _total; histograms by their base name.
     # (the shop's payment histogram and breaker_state, for services with breakers, are checked elsewhere)
@@ -76,23 +80,18 @@ def test_one_aggregated_metrics_endpoint_for_all_workers(make_config: Callable[.
     # Both workers contributed to the one endpoint.
     pids = {r["pid"] for r in run.records("worker.started")}
     assert len(pids) == 2
-    checked = subprocess.run([promtool(), "check", "metrics"], input=text, text=True, capture_output=True)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert_valid_exposition(text)
 
     # A killed worker is restarted and counted; counters of the dead process stay in the total.
     victim = next(iter(pids))
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: len(run.records("worker.started")) >= 3, 60, "the restarted worker", detail=run.tail)
 
-    def restarted() -> str | None:
-        body = get(port, "/metrics")[1]
-        return body if total(body, "jetpool_worker_restarts_total", service="echo") == 1 else None
-
-    text = wait_for(restarted, 30, "the restart counted in /metrics")
+    text = scrape_until(port, lambda t: total(t, "jetpool_worker_restarts_total", service="echo") == 1,
+                        "the restart counted in /metrics")
     assert total(text, "jetpool_events_handled_total", outcome="ack") == 200
-    wait_for(lambda: total(get(port, "/metrics")[1], "jetpool_consumer_pending", service="echo") == 0 and
-             total(get(port, "/metrics")[1], "jetpool_workers_ready", service="echo") == 2, 30,
-             "lag and readiness gauges")
+    wait_for(lambda: total(get(port, "/metrics")[1], "jetpool_workers_ready", service="echo") == 2, 30,
+             "both workers ready again")
 
 
 def test_health_and_ready_follow_the_workers(make_config: Callable[..., App], engine: StartEngine) -> None:
@@ -116,10 +115,13 @@ def test_health_and_ready_follow_the_workers(make_config: Callable[..., App], en
     publish(app, pings(5, sleep_s=5))  # work in flight, so the drain takes a while
     wait_for(lambda: run.records("worker.started") and get(port, "/metrics")[0] == 200, 10, "metrics")
     wait_for(lambda: _in_flight(port) > 0, 30, "events in flight")
+    metrics_dir = Path(psutil.Process(worker).environ()["PROMETHEUS_MULTIPROC_DIR"])
+    assert metrics_dir.is_dir()
     run.send(signal.SIGTERM)
     status, body = get(port, "/ready")
     assert status == 503 and json.loads(body)["status"] == "not ready"
     assert run.wait_exit(30) == 0
+    assert not metrics_dir.exists()  # the temporary directory the supervisor made goes with it
 
 
 def _in_flight(port: int) -> float:
@@ -148,3 +150,139 @@ def test_health_fails_when_the_consumer_stops_hearing_the_server(make_config: Ca
              detail=run.tail)
     publish(app, pings(10))
     wait_for(lambda: count(app, "Pong") >= 10, 60, "Pongs after the freeze", detail=run.tail)
+
+
+# ---- consumer lag, and the port of --http-port ---------------------------------------------------
+
+
+async def gated_echo(event: Event, ctx: Context) -> Event:
+    """Route target of the lag test (its workers import this module): a Pong once the gate file is gone."""
+    gate = Path(str(ctx.settings["gate"]))
+    while gate.exists():
+        await asyncio.sleep(0.05)
+    return Event(type="Pong", data=event.data, aggregate_id=event.aggregate_id)
+
+
+def lag(port: int) -> tuple[float, float]:
+    text = get(port, "/metrics")[1]
+    return (total(text, "jetpool_consumer_pending", service="echo"),
+            total(text, "jetpool_consumer_ack_pending", service="echo"))
+
+
+def test_consumer_lag_while_events_wait_then_zero_on_the_flag_port(make_config: Callable[..., App],
+                                                                   engine: StartEngine, tmp_path: Path) -> None:
+    # The config says port 0 (any free port): the flag must win.
+    gate = tmp_path / "gate"
+    gate.touch()
+    app = make_config({"echo": {"routes": {"Ping": "tests.integration.test_observability:gated_echo"},
+                                "batch": 4, "max_in_flight": 4, "handler_timeout_s": 120,
+                                "settings": {"gate": str(gate)}}})
+    port = free_port()
+    run = engine(app, args=["--http-port", str(port)])
+    assert port_of(run) == port
+    assert get(port, "/metrics")[0] == 200
+
+    publish(app, pings(10))
+    # The worker holds its window of 4 (ack pending); the other 6 wait in the stream (pending).
+    wait_for(lambda: lag(port) == (6, 4), 30, "6 pending and 4 ack-pending in /metrics",
+             detail=lambda: f"last: {lag(port)}\n{run.tail()}")
+    assert _in_flight(port) == 4
+
+    gate.unlink()
+    wait_for(lambda: lag(port) == (0, 0), 30, "the lag back to 0 in /metrics", detail=lambda: f"last: {lag(port)}")
+    assert count(app, "Pong") == 10
+    assert _in_flight(port) == 0
+
+
+# ---- the shop's payments: its own histogram, failures, a killed worker's files ------------------
+
+
+PAYMENT_BUCKETS = {"0.1", "0.3", "1.0", "3.0", "+Inf"}
+
+
+def scrape_until(port: int, check: Callable[[str], bool], what: str, timeout_s: float = 30.0) -> str:
+    """Scrape /metrics until ``check`` accepts the text (the lag gauges are sampled every 5 s)."""
+
+    def attempt() -> str | None:
+        text = get(port, "/metrics")[1]
+        return text if check(text) else None
+
+    return wait_for(attempt, timeout_s, what, interval_s=0.25)
+
+
+def assert_valid_exposition(text: str) -> None:
+    """Prometheus' own parser accepts the text, and every metric family appears once."""
+    checked = subprocess.run([promtool(), "check", "metrics"], input=text, text=True, capture_output=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def assert_payment_histogram(text: str) -> None:
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "payment_process_duration_seconds")
+    assert family.type == "histogram"
+    assert all("status" in s.labels for s in family.samples)
+    for status in {s.labels["status"] for s in family.samples}:
+        assert {s.labels["le"] for s in family.samples
+                if s.name.endswith("_bucket") and s.labels["status"] == status} == PAYMENT_BUCKETS
+
+
+def test_shop_payments_metrics_dead_worker_files_and_failure_log(tmp_path: Path, nats_server: EmbeddedServer,
+                                                                 engine: StartEngine) -> None:
+    """payments alone (config/shop.yaml, one worker), with PROMETHEUS_MULTIPROC_DIR chosen by the operator."""
+    app = write_shop_config(tmp_path, nats_server.url, gateway={"decline_rate": 0.0, "control_poll_s": 0},
+                            breaker_reset_s=300)
+    metrics_dir = tmp_path / "metrics"
+    run = engine(app, args=["--service", "payments", "--http-port", "0"],
+                 env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}, workers=1)
+    port = port_of(run)
+    uid = uuid.uuid4().hex[:8]
+
+    # A charge, and a body that is not an event.
+    publish(app, [order_placed(order_id=f"o-{uid}-ok")])
+    publish_raw(app, app.subject("OrderPlaced"), b"{not json")
+    text = scrape_until(port, lambda t: total(t, "jetpool_dead_lettered_total", service="payments") == 1 and
+                        total(t, "payment_process_duration_seconds_count", status="authorized") == 1,
+                        "the charge timed and the bad event dead-lettered")
+    assert_payment_histogram(text)
+
+    # The gateway goes down: the order is retried (redelivered) until the breaker opens, then parked.
+    ControlFile(tmp_path / "gateway" / "control.json").write(outage=True)
+    stuck = order_placed(order_id=f"o-{uid}-outage", customer_id=f"customer-{uid}")
+    seq = publish(app, [stuck])[0]["seq"]
+    text = scrape_until(port, lambda t: total(t, "jetpool_consumer_redelivered", service="payments") >= 1 and
+                        total(t, "jetpool_breaker_state", service="payments", breaker="payment_gateway") == 2,
+                        "a redelivered event unacked and the breaker open", timeout_s=60)
+    assert total(text, "jetpool_events_handled_total", service="payments", route="OrderPlaced", outcome="retry") >= 1
+    assert total(text, "payment_process_duration_seconds_count", status="error") >= 1
+    assert total(text, "jetpool_in_flight", service="payments") == 1
+    assert_payment_histogram(text)
+
+    failed = [r for r in run.records("event.failed") if r.get("event_id") == stuck.id]
+    assert failed, run.tail()
+    assert {k: failed[0].get(k) for k in ("service", "worker", "event_type", "aggregate_id", "trace_id",
+                                          "stream_seq", "outcome")} == {
+        "service": "payments", "worker": 0, "event_type": "OrderPlaced", "aggregate_id": stuck.aggregate_id,
+        "trace_id": stuck.trace_id, "stream_seq": seq, "outcome": "retry"}
+    assert not {"data", "payload"} & failed[0].keys()
+    assert f"customer-{uid}" not in run.log_text()  # no payload anywhere in the log
+
+    # SIGKILL the worker: the restart is counted; its live gauges go, its counters stay.
+    victim = run.worker_pids()[("payments", 0)]
+    retries = total(text, "jetpool_events_handled_total", service="payments", outcome="retry")
+    assert {p.name for p in metrics_dir.glob(f"*_{victim}.db")} >= {
+        f"counter_{victim}.db", f"histogram_{victim}.db", f"gauge_livesum_{victim}.db", f"gauge_livemax_{victim}.db"}
+    os.kill(victim, signal.SIGKILL)
+    run.wait_workers(2)
+    text = scrape_until(port, lambda t: total(t, "jetpool_worker_restarts_total", service="payments") == 1,
+                        "the restart counted")
+    assert sorted(p.name for p in metrics_dir.glob(f"gauge_live*_{victim}.db")) == []
+    assert (metrics_dir / f"counter_{victim}.db").exists() and (metrics_dir / f"histogram_{victim}.db").exists()
+    # The dead worker's open breaker and parked event no longer show; the new worker's closed breaker does.
+    assert total(text, "jetpool_breaker_state", service="payments", breaker="payment_gateway") == 0
+    assert total(text, "jetpool_in_flight", service="payments") == 0
+    assert total(text, "jetpool_events_handled_total", service="payments", outcome="retry") >= retries > 0
+    assert total(text, "payment_process_duration_seconds_count", status="authorized") == 1
+    assert_valid_exposition(text)
+    assert all("pid" not in s.labels for f in text_string_to_metric_families(text)
+               if f.name.startswith(("jetpool_consumer_", "jetpool_workers_ready")) for s in f.samples)
