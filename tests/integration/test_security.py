@@ -2,21 +2,26 @@
 fails with a clear message (exit code 2) with wrong ones, and never prints a secret.
 
 Every server here is this module's own (random port, store in tmp_path), killed by PID in teardown.
-Certificates are made per module with the ``openssl`` command line; NKeys with the ``nkeys`` package.
+Certificates are made per module with the ``openssl`` command line; NKeys, and the JWTs of a
+decentralized (operator mode) set-up for the ``.creds`` login, with the ``nkeys`` package (no ``nsc``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nkeys
 import pytest
 
 from engine.config import NatsConfig
@@ -143,18 +148,69 @@ def token_auth(directory: Path) -> Auth:
                 secrets=(token, wrong))
 
 
+def _keypair(prefix: int) -> tuple[str, str, Any]:
+    """A new NKey: (seed, public key, key pair)."""
+    seed = nkeys.encode_seed(secrets.token_bytes(32), prefix)
+    pair = nkeys.from_seed(bytearray(seed))
+    return seed.decode(), pair.public_key.decode(), pair
+
+
 def nkey_auth(directory: Path) -> Auth:
-    nkeys = pytest.importorskip("nkeys", reason="NKey authentication needs the nkeys package")
-    seeds = []
-    for name in ("user.nk", "other.nk"):
-        seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER).decode()
-        (directory / name).write_text(seed)
-        seeds.append(seed)
-    public = nkeys.from_seed(bytearray(seeds[0].encode())).public_key.decode()
+    (seed, public, _), (other, _, _) = _keypair(nkeys.PREFIX_BYTE_USER), _keypair(nkeys.PREFIX_BYTE_USER)
+    (directory / "user.nk").write_text(seed)
+    (directory / "other.nk").write_text(other)
     return Auth(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n',
                 right={"JETPOOL_NATS_NKEY_SEED": str(directory / "user.nk")},
                 wrong={"JETPOOL_NATS_NKEY_SEED": str(directory / "other.nk")},
-                variable="JETPOOL_NATS_NKEY_SEED", secrets=tuple(seeds))
+                variable="JETPOOL_NATS_NKEY_SEED", secrets=(seed, other))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwt(issuer: Any, subject: str, name: str, nats: dict[str, Any]) -> str:
+    """A NATS JWT as nsc issues it: JSON claims signed by the issuer's NKey (alg ed25519-nkey)."""
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    claims = {"jti": base64.b32encode(secrets.token_bytes(20)).decode(), "iat": int(time.time()),
+              "iss": issuer.public_key.decode(), "name": name, "sub": subject, "nats": {**nats, "version": 2}}
+    signed = f"{header}.{_b64(json.dumps(claims).encode())}"
+    return f"{signed}.{_b64(issuer.sign(signed.encode()))}"
+
+
+CREDS = """-----BEGIN NATS USER JWT-----
+{jwt}
+------END NATS USER JWT------
+
+-----BEGIN USER NKEY SEED-----
+{seed}
+------END USER NKEY SEED------
+"""
+UNLIMITED = {key: -1 for key in ("subs", "data", "payload", "imports", "exports", "conn", "leaf", "mem_storage",
+                                 "disk_storage", "streams", "consumer")}
+
+
+def creds_auth(directory: Path) -> Auth:
+    """Operator mode: the server trusts an operator, which signed a system account and the app's account;
+    the right .creds holds a user of that account, the wrong one a user of an account nobody signed."""
+    _, operator, operator_pair = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    accounts = {name: _keypair(nkeys.PREFIX_BYTE_ACCOUNT) for name in ("SYS", "APP", "STRANGER")}
+    seeds = []
+    for file, account in (("user.creds", "APP"), ("other.creds", "STRANGER")):
+        seed, user, _ = _keypair(nkeys.PREFIX_BYTE_USER)
+        user_jwt = _jwt(accounts[account][2], user, file, {"type": "user", "subs": -1, "data": -1, "payload": -1})
+        (directory / file).write_text(CREDS.format(jwt=user_jwt, seed=seed))
+        seeds.append(seed)
+    (directory / "operator.jwt").write_text(_jwt(operator_pair, operator, "jetpool-test", {"type": "operator"}))
+    # The server knows SYS and APP (JetStream on: its limits include storage); STRANGER is unknown.
+    claims = {"SYS": {"type": "account"}, "APP": {"type": "account", "limits": {**UNLIMITED, "wildcards": True}}}
+    preload = "".join(f'  {accounts[name][1]}: "{_jwt(operator_pair, accounts[name][1], name, nats)}"\n'
+                      for name, nats in claims.items())
+    conf = (f'operator: "{directory / "operator.jwt"}"\nsystem_account: {accounts["SYS"][1]}\n'
+            f"resolver: MEMORY\nresolver_preload: {{\n{preload}}}\n")
+    return Auth(conf, right={"JETPOOL_NATS_CREDS": str(directory / "user.creds")},
+                wrong={"JETPOOL_NATS_CREDS": str(directory / "other.creds")}, variable="JETPOOL_NATS_CREDS",
+                secrets=tuple(seeds))
 
 
 def assert_no_secret(text: str, values: tuple[str, ...] | list[str]) -> None:
@@ -191,7 +247,8 @@ def connects(url: str, env: dict[str, str]) -> bool:
 # ---- the tests -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make_auth", [password_auth, token_auth, nkey_auth], ids=["password", "token", "nkey"])
+@pytest.mark.parametrize("make_auth", [password_auth, token_auth, nkey_auth, creds_auth],
+                         ids=["password", "token", "nkey", "creds"])
 def test_credentials_from_the_environment(make_auth: Callable[[Path], Auth], secure_server: StartServer,
                                           tmp_path: Path) -> None:
     auth = make_auth(tmp_path)
