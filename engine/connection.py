@@ -31,6 +31,7 @@ import nats
 import structlog
 from nats.errors import AuthorizationError
 
+from engine import parser
 from engine.config import NatsConfig
 from engine.errors import BrokerError
 
@@ -192,6 +193,7 @@ async def connect(cfg: NatsConfig, name: str, *, reconnected_cb: Callback | None
                           "does not use TLS; refusing an unencrypted connection")
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = cfg.max_reconnect_attempts
+    parser.install(nc)
     connected = True
     return nc
 
