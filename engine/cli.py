@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import structlog
 import uvloop
+from nats.js.errors import NotFoundError
 
 from engine import deadletter
 from engine.config import Config, load_config
@@ -180,9 +181,19 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
     async with broker(load(args)) as live:
         nc = await connect(live.nats, name=f"{live.app}.dlq")
         try:
-            return await dlq_action(args, live, nc.jetstream())
+            js = nc.jetstream()
+            await _require_dlq_stream(js, live)
+            return await dlq_action(args, live, js)
         finally:
             await nc.close()
+
+
+async def _require_dlq_stream(js: Any, cfg: Config) -> None:
+    try:
+        await js.stream_info(cfg.dead_letter.stream)
+    except NotFoundError:
+        raise JetpoolError(f"{cfg.source}: no dead-letter stream {cfg.dead_letter.stream!r} on {cfg.nats.url} "
+                           f"(run 'jetpool provision -c {cfg.source}' or start the engine once)") from None
 
 
 async def dlq_action(args: argparse.Namespace, cfg: Config, js: Any) -> int:

@@ -186,6 +186,16 @@ def test_unknown_ids_and_a_replay_without_selector_are_errors(rejects: Rejects) 
     assert len(dlq(app)) == rejects.total  # none of it touched an entry
 
 
+def test_a_dead_letter_stream_never_provisioned_is_an_error_not_a_traceback(make_config: Callable[..., App]) -> None:
+    app = with_dlq(make_config())
+    for args in (["list"], ["show", "1"], ["replay", "--all"], ["purge"]):
+        result = jetpool_dlq(app, *args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"jetpool: error: {app.path}: no dead-letter stream 'DLQ{app.stream}' on {app.url} "
+            f"(run 'jetpool provision -c {app.path}' or start the engine once)")
+
+
 def test_replay_by_service_then_all_twice_stores_each_event_once(rejects: Rejects, engine: StartEngine) -> None:
     app, valid = rejects.app, [*rejects.echo, *rejects.other]
     rejects.run.kill_tree()  # nothing consumes while we count what the replays store
