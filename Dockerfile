@@ -29,7 +29,8 @@ COPY --from=build /src/config /usr/share/jetpool/config
 ENV PATH=/opt/jetpool/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-# Writable for `docker run` (the embedded broker's store); on Kubernetes nothing is written here.
+# Writable: the embedded broker's store under `docker run`; on Kubernetes the chart mounts a data volume here
+# for the handlers' files (SQLite audit store, gateway ledger) under the read-only root filesystem.
 WORKDIR /var/lib/jetpool
 USER 10001:10001
 # /metrics, /health and /ready (jetpool run --http-port 8080).
