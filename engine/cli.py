@@ -59,7 +59,7 @@ def _shop_parsers(sub: Any) -> None:
     for p in (demo, load):
         p.add_argument("-c", "--config", default="config/shop.yaml", help="YAML config (default: %(default)s)")
         p.add_argument("--nats-url", help="NATS URL; demo: none starts an embedded nats-server")
-        p.add_argument("--orders", type=int, default=2000, help="orders to place (default %(default)s)")
+        p.add_argument("--orders", type=_positive, default=2000, help="orders to place (default %(default)s)")
         p.add_argument("--rate", type=float, default=150.0,
                        help="orders/s offered, 0 = unthrottled (default %(default)s)")
         p.add_argument("--skus", type=int, default=20,
@@ -85,7 +85,7 @@ def _chaos_parser(sub: Any) -> None:
                        help="worker-kill, broker-restart, gateway-outage, sigterm-restart, poison, malformed, hang, "
                             "slow-handler, duplicates, oversized (default: all, in that order)")
     chaos.add_argument("-c", "--config", default="config/shop.yaml", help="the shop's YAML (default: %(default)s)")
-    chaos.add_argument("--orders", type=int, help="orders per scenario (default: full size, e.g. 10000)")
+    chaos.add_argument("--orders", type=_positive, help="orders per scenario (default: full size, e.g. 10000)")
     chaos.add_argument("--rate", type=float,
                        help="valid orders/s offered (default: each scenario's own, 150; malformed 75)")
     chaos.add_argument("--workdir", default=".jetpool/chaos", help="brokers' stores and logs (default %(default)s)")
@@ -98,7 +98,7 @@ def _dlq_parser(sub: Any) -> None:
     actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="list entries, oldest first")
     listing.add_argument("--service", help="only this service's entries")
-    listing.add_argument("--limit", type=int, default=50, help="at most N entries (default 50)")
+    listing.add_argument("--limit", type=_positive, default=50, help="at most N entries (default 50)")
     show = actions.add_parser("show", help="show one entry with its body")
     show.add_argument("id", type=int, help="entry id (its DLQ stream sequence)")
     replay = actions.add_parser("replay", help="re-publish entries to their original subject and remove them")
@@ -111,6 +111,17 @@ def _dlq_parser(sub: Any) -> None:
     for action in (listing, show, replay, purge):
         _common(action)
         action.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of entries or orders)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -129,7 +140,15 @@ def load(args: argparse.Namespace) -> Config:
         updates["log"] = cfg.log.model_copy(update={"level": args.log_level})
     if getattr(args, "http_port", None) is not None:
         updates["http"] = cfg.http.model_copy(update={"port": args.http_port})
-    return cfg.model_copy(update=updates) if updates else cfg
+    cfg = cfg.model_copy(update=updates) if updates else cfg
+    if getattr(args, "command", None) in _LOGGING_COMMANDS:
+        # The supervisor and the tools log as the config (log.level, JETPOOL_LOG_LEVEL, log.format) says,
+        # like the workers; demo, load, audit and chaos keep their quiet default (they print a report).
+        configure_logging(cfg.log.level, cfg.log.format)
+    return cfg
+
+
+_LOGGING_COMMANDS = ("run", "provision", "dlq")
 
 
 @asynccontextmanager

@@ -99,3 +99,16 @@ def test_run_rejects_an_unknown_service(tmp_path: Path) -> None:
                      timeout_s=30)
     assert result.returncode == 2
     assert result.stderr.strip().endswith(f"{path}: no service named billing (services: payments)")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["dlq", "list", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    (["dlq", "list", "--limit", "-3"], "argument --limit: must be at least 1, got -3"),
+    (["demo", "--orders", "ten"], "argument --orders: 'ten' is not a whole number"),
+    (["chaos", "--orders", "0"], "argument --orders: must be at least 1, got 0"),
+])
+def test_counts_below_one_are_usage_errors(argv: list[str], message: str) -> None:
+    config = ["-c", str(REPO_ROOT / "config" / "shop.yaml")] if argv[0] == "dlq" else []
+    result = run_cli([*argv, *config])
+    assert result.returncode == 2
+    assert message in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import re
@@ -13,6 +14,7 @@ import pytest
 import structlog
 import yaml
 
+from engine import cli
 from engine.config import load_config
 from engine.logs import configure_logging, json_records
 
@@ -105,6 +107,27 @@ def test_the_level_comes_from_the_config_or_the_environment(tmp_path: Path, stde
     emit("warning")
     emit("error")
     assert [r["level"] for r in json_records(stream.getvalue())] == ["error"]
+
+
+@pytest.mark.parametrize(("command", "shown"), [
+    ("run", ["error"]), ("provision", ["error"]), ("dlq", ["error"]), ("demo", ["warning", "error"]),
+])
+def test_the_supervisor_and_tools_log_as_the_config_says(command: str, shown: list[str], tmp_path: Path,
+                                                         stderr: SwapStderr, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``jetpool run``/``provision``/``dlq`` take log.level and JETPOOL_LOG_LEVEL as workers do; demo stays quiet."""
+    path = tmp_path / "jetpool.yaml"
+    path.write_text(yaml.safe_dump({
+        "streams": [{"name": "S", "subjects": ["events.>"]}],
+        "services": {"echo": {"stream": "S", "routes": {"Ping": "handlers.examples:echo"}}},
+        "log": {"level": "info", "format": "json"},
+    }))
+    monkeypatch.setenv("JETPOOL_LOG_LEVEL", "error")
+    stream = stderr(False)
+    configure_logging("warning")  # what cli.main sets before the config is read
+    cli.load(argparse.Namespace(command=command, config=str(path)))
+    for method in ("info", "warning", "error"):
+        emit(method)
+    assert [r["level"] for r in json_records(stream.getvalue())] == shown
 
 
 def test_records_interleaved_on_one_line_are_all_read() -> None:
