@@ -9,7 +9,8 @@ invariants (no order lost, no double charge, stock consistent, audit complete).
    An upper bound: the services work through the backlog in phases and the load generator is idle.
 2. *Offered-load sweep* at fractions of that bound: p50/p99 placed → ended, and the rate at which
    orders end while they are being placed (``steady_per_s``: the offered rate while the system keeps
-   up, its capacity once it does not). *Sustained throughput* is the highest such rate.
+   up, its capacity once it does not). *Sustained throughput* is the fastest point that kept up
+   (ended at >= 95 % of the offered rate).
 3. *Half load*: one more point at half the sustained rate — the latency the issue asks about.
 
 Writes ``benchmarks/results/shop_e2e.json`` and ``shop_e2e.png`` (throughput and p50/p99 latency
@@ -155,9 +156,19 @@ def plot(points: list[Summary], drain: Summary, sustained: Summary, half: Summar
     plt.close(fig)
 
 
+KEEPS_UP = 0.95
+
+
 def sustained_point(points: list[Summary]) -> Summary:
-    """The point where orders ended fastest while they were being placed."""
-    return max(points, key=lambda p: p.steady_per_s)
+    """The fastest point the shop kept up with: orders ended, while placing, at >= 95 % of the offered rate.
+
+    Past saturation the rate at which orders end while placing is no capacity: the busiest service works
+    through newer events before the ones that end older orders, so it rises and falls with the phase of
+    the run (measured on 2026-11-29: 297/s ended at 423 offered, 574/s at 705). If no point kept up,
+    the fastest one.
+    """
+    kept = [p for p in points if p.offered_per_s and p.steady_per_s >= KEEPS_UP * p.offered_per_s]
+    return max(kept or points, key=lambda p: p.steady_per_s)
 
 
 def run_e2e(results: Path, console: Console, sizes: Sizes | None = None,

@@ -7,6 +7,7 @@ and engine, the demo's load generator with its invariant checks at every point),
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -15,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_e2e
+from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_e2e, sustained_point
 from engine.demo import Summary
 
 # Points long enough that the placing period yields a steady rate (Tracker.steady_rate needs >= 1 s).
@@ -52,7 +53,7 @@ def test_the_shop_benchmark_sweeps_offered_load_and_writes_its_json_and_plot(tmp
         assert point.ended == point.orders >= TINY.min_point_orders, point
         assert point.confirmed + point.declined + point.out_of_stock == point.orders, point
         assert 0 < point.p50_ms <= point.p95_ms <= point.p99_ms, point
-    assert sustained == max(points, key=lambda p: p.steady_per_s)
+    assert sustained == sustained_point(points)
     assert sustained.steady_per_s > 0  # the points were long enough to measure a rate while placing
     assert half.offered_per_s == round(sustained.steady_per_s / 2)
     assert result["cpus"] >= 1 and len(result["loadavg_before"]) == len(result["loadavg_after"]) == 3
@@ -61,3 +62,14 @@ def test_the_shop_benchmark_sweeps_offered_load_and_writes_its_json_and_plot(tmp
     png = (tmp_path / "shop_e2e.png").read_bytes()
     assert _png_size(png) == (770, 770)  # figsize 7x7 inches at 110 dpi
     assert png.endswith(b"IEND\xaeB`\x82")  # written to the end
+
+
+def test_sustained_is_the_fastest_point_that_kept_up() -> None:
+    base = Summary(**{name: 0 for name in Summary.__dataclass_fields__})  # type: ignore[arg-type]
+
+    def point(offered: float, steady: float) -> Summary:
+        return dataclasses.replace(base, offered_per_s=offered, steady_per_s=steady)
+
+    kept, overloaded = point(282, 281), point(705, 574)
+    assert sustained_point([point(141, 141), kept, point(423, 297), overloaded]) == kept
+    assert sustained_point([point(423, 297), overloaded]) == overloaded  # none kept up: the fastest
