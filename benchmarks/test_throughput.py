@@ -62,6 +62,7 @@ def round_order(round_index: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
+@pytest.mark.timeout(1800)  # three contenders x three rounds; FastStream alone takes ~30 s a round
 @pytest.mark.parametrize(("mode", "workers"), CASES, ids=[f"{m}-{w}w" for m, w in CASES])
 def test_throughput(benchmark: Any, server: EmbeddedServer, mode: Mode, workers: int) -> None:
     """Interleaved rounds: each round runs every contender once, so a slow spell of a shared machine
