@@ -135,6 +135,8 @@ class Consumer:
         self._routes = frozenset(router.event_types)
         self._metrics = RouteMetrics(service, self._routes, [b.name for b in self._breakers])
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{svc.stream}.{config.durable(service)}"
+        # "$JS.ACK.[<domain>.<account>.]<stream>.<durable>.<num_delivered>....": what precedes the count.
+        self._ack_key = f".{svc.stream}.{config.durable(service)}."
         self._inbox: str = nc.new_inbox()
         self._window = svc.max_in_flight
         self._batch = min(svc.batch, svc.max_in_flight)
@@ -221,6 +223,9 @@ class Consumer:
             return
         delivery = _Delivery(self, msg, self._last_seen)
         self._in_flight[reply] = delivery
+        at = reply.find(self._ack_key)
+        if at > 0 and not reply.startswith("1.", at + len(self._ack_key)):
+            self._metrics.redelivered += 1
         finished, _, task = eager.start(self._handle(delivery))
         if not finished:
             delivery.task = task

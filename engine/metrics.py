@@ -34,6 +34,8 @@ IN_FLIGHT = Gauge("jetpool_in_flight", "Deliveries held by workers (handling or 
                   ["service"], multiprocess_mode="livesum")
 DEAD_LETTERED = Counter("jetpool_dead_lettered_total", "Events written to the dead-letter stream.",
                         ["service", "route"])
+REDELIVERIES = Counter("jetpool_redeliveries_total", "Deliveries that were not the message's first "
+                       "(JetStream's num_delivered > 1: a nak, an ack timeout, a worker that died).", ["service"])
 BREAKER_STATE = Gauge("jetpool_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
                       ["service", "breaker"], multiprocess_mode="livemax")
 
@@ -53,7 +55,7 @@ EXPORTED_METRICS = frozenset({
     "jetpool_events_handled_total", "jetpool_handler_duration_seconds", "jetpool_in_flight",
     "jetpool_dead_lettered_total", "jetpool_breaker_state", "jetpool_worker_restarts_total",
     "jetpool_workers_ready", "jetpool_consumer_pending", "jetpool_consumer_ack_pending",
-    "jetpool_consumer_redelivered", "payment_process_duration_seconds",
+    "jetpool_consumer_redelivered", "jetpool_redeliveries_total", "payment_process_duration_seconds",
 })
 
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
@@ -88,7 +90,9 @@ class RouteMetrics:
             EVENTS_HANDLED.labels(service, route, "ack")
         for name in breakers:
             BREAKER_STATE.labels(service, name).set(0)
+        REDELIVERIES.labels(service)
         self.outcomes: Tally[tuple[str, str]] = Tally()
+        self.redelivered = 0
         self._buckets: dict[str, list[int]] = {}
         self._sums: dict[str, float] = {}
 
@@ -107,6 +111,9 @@ class RouteMetrics:
         for (route, outcome), n in self.outcomes.items():
             EVENTS_HANDLED.labels(self.service, route, outcome).inc(n)
         self.outcomes.clear()
+        if self.redelivered:
+            REDELIVERIES.labels(self.service).inc(self.redelivered)
+            self.redelivered = 0
         for route, counts in self._buckets.items():
             _add_to_histogram(HANDLER_DURATION.labels(self.service, route), counts, self._sums[route])
         self._buckets.clear()

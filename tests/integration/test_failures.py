@@ -127,7 +127,8 @@ def test_bad_input_is_dead_lettered_on_first_delivery_and_traffic_flows(make_con
 
 
 def test_retry_naks_with_delay_then_succeeds(make_config: Callable[..., App], engine: StartEngine) -> None:
-    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}}}))
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}}}),
+                   http={"port": 0, "host": "127.0.0.1"})
     run = engine(app)
     sent = pings(10, retry_once=True)
     publish(app, sent)
@@ -136,6 +137,9 @@ def test_retry_naks_with_delay_then_succeeds(make_config: Callable[..., App], en
     assert {p.id for p in read(app, "Pong")} == expected_pong_ids(sent)
     assert [r["delay_s"] for r in run.records("event.failed")] == [0.2] * 10
     assert dlq(app) == []
+    port = port_of(run)
+    wait_for(lambda: total(get(port, "/metrics")[1], "jetpool_redeliveries_total", service="echo") == 10, 10,
+             "10 redeliveries counted (one per retried Ping)", detail=lambda: get(port, "/metrics")[1])
 
 
 def test_hanging_handler_is_cancelled_at_its_timeout_and_worker_keeps_consuming(
