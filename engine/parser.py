@@ -40,6 +40,8 @@ class FastParser(Parser):
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf
         buf.extend(data)
+        if self.state == AWAITING_MSG_PAYLOAD and len(buf) < self.needed + 2:
+            return  # a large payload still arriving: no copy of the buffer until it is whole
         view = bytes(buf)  # one copy per read; every slice below is then a single copy
         pos = 0
         process = self.nc._process_msg
