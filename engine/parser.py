@@ -42,6 +42,11 @@ class FastParser(Parser):
         buf.extend(data)
         if self.state == AWAITING_MSG_PAYLOAD and len(buf) < self.needed + 2:
             return  # a large payload still arriving: no copy of the buffer until it is whole
+        if await self._read_messages(buf):
+            await super().parse()  # a line that is no message: nats-py's parser reads it and the rest
+
+    async def _read_messages(self, buf: bytearray) -> bool:
+        """Deliver the whole messages at the front of ``buf``; True when stopped by another kind of line."""
         view = bytes(buf)  # one copy per read; every slice below is then a single copy
         pos = 0
         process = self.nc._process_msg
@@ -51,18 +56,18 @@ class FastParser(Parser):
                     # The payload of a message whose control line was read before (by either parser).
                     end = pos + self.needed
                     if len(view) < end + 2:
-                        return
+                        return False
                     arg, split = self.msg_arg, pos + self.header_needed
                     headers = view[pos:split] if self.header_needed else None
                     self.state, self.header_needed = AWAITING_CONTROL_LINE, 0
                     pos = end + 2
                     await process(arg["sid"], arg["subject"], arg["reply"], view[split:end], headers)
                     if self.buf is not buf:
-                        return  # reset by a reconnect while the message was handled
+                        return False  # reset by a reconnect while the message was handled
                     continue
                 eol = view.find(_CRLF, pos)
                 if eol < 0:
-                    return  # a partial control line: wait for more bytes
+                    return False  # a partial control line: wait for more bytes
                 line = _message_line(view, pos, eol)
                 if line is None:
                     break  # anything but a message: nats-py's parser reads it (and the rest)
@@ -74,17 +79,17 @@ class FastParser(Parser):
                     self.msg_arg = {"subject": subject, "sid": sid, "reply": reply}
                     self.needed, self.header_needed = size, header_size
                     self.state = AWAITING_MSG_PAYLOAD
-                    return
+                    return False
                 split = pos + header_size
                 headers = view[pos:split] if header_size else None
                 pos = end + 2
                 await process(sid, subject, reply, view[split:end], headers)
                 if self.buf is not buf:
-                    return
+                    return False
         finally:
             if self.buf is buf and pos:
                 del buf[:pos]
-        await super().parse()
+        return True
 
 
 def _message_line(view: bytes, pos: int, eol: int) -> tuple[bytes, int, bytes, int, int] | None:
