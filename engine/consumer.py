@@ -146,6 +146,7 @@ class Consumer:
         self._tick_s = min(1.0, svc.idle_heartbeat_s / 2, svc.ack_wait_s / 6, svc.handler_timeout_s / 4)
         self._credit = 0
         self._missed_in_row = 0
+        self._last_status: tuple[str | None, str | None] | None = None
         self._in_flight: dict[str, _Delivery] = {}
         self._stopping = False
         self._loop = asyncio.get_running_loop()
@@ -236,6 +237,7 @@ class Consumer:
         headers = msg.headers or {}
         code = headers.get("Status")
         if code == "100":
+            self._last_status = None
             return  # idle heartbeat: the pull is alive
         pending = headers.get("Nats-Pending-Messages")
         if code in ("408", "409") and pending is not None:
@@ -243,11 +245,15 @@ class Consumer:
         else:
             self._credit = 0
         if code == "408":
+            self._last_status = None  # a pull that ran its course: the consumer is there
             await self._pull()
         else:
-            # 409 (leader change, max waiting, consumer deleted...) or unknown: the ticker re-pulls.
-            log.warning("pull.status", service=self.service, status=code,
-                        description=headers.get("Description"))
+            # 409 (leader change, max waiting, consumer deleted...) or unknown: the ticker re-pulls, and
+            # the same answer to every re-pull is logged once, not once a tick.
+            status = (code, headers.get("Description"))
+            if status != self._last_status:
+                self._last_status = status
+                log.warning("pull.status", service=self.service, status=code, description=status[1])
 
     async def _pull(self) -> None:
         """Ask for as many messages as fit the free part of the window, a batch per request."""

@@ -238,6 +238,32 @@ def test_a_breaker_left_open_with_nothing_parked_still_gets_its_trial(make_confi
     assert dlq(app) == []
 
 
+def test_a_deleted_consumer_is_reported_once_not_on_every_repull(make_config: Callable[..., App],
+                                                                  engine: StartEngine) -> None:
+    """The ticker re-pulls every tick; the server's same answer each time is one log line, not one a tick."""
+    app = make_config({"echo": {"idle_heartbeat_s": 0.5}})  # a tick every 0.25 s
+    run = engine(app)
+    publish(app, pings(3))
+    wait_for(lambda: count(app, "Pong") >= 3, 30, "3 Pongs", detail=run.tail)
+
+    async def delete() -> None:
+        nc = await nats.connect(app.url)
+        try:
+            await nc.jetstream().delete_consumer(app.stream, app.durable("echo"))
+        finally:
+            await nc.close()
+
+    asyncio.run(delete())
+
+    def statuses() -> list[str]:
+        return [str(r.get("status")) for r in run.records("pull.status")]
+
+    wait_for(lambda: "503" in statuses(), 10, "the re-pulls to find no consumer", detail=run.tail)
+    asyncio.run(asyncio.sleep(2))  # about eight more re-pulls, all answered 503
+    assert statuses().count("503") == 1, statuses()
+    assert statuses().count("409") <= 1  # "Consumer Deleted", for the pull that was open
+
+
 def test_worker_killed_on_every_attempt_is_caught_by_the_max_deliveries_advisory(
         make_config: Callable[..., App], engine: StartEngine) -> None:
     app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}, "max_deliver": 2,
