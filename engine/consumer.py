@@ -218,7 +218,7 @@ class Consumer:
         self._credit -= 1
         if self._stopping:
             # Never started: hand it straight back so another worker can take it.
-            await self._nc.publish(reply, NAK)
+            await self._out.publish(reply, NAK)
             self.counts["released"] += 1
             self._metrics.outcome("-", "released")
             return
@@ -354,7 +354,7 @@ class Consumer:
         if d.settled:
             return
         d.settled = True
-        await self._nc.publish(d.reply, NAK)
+        await self._out.publish(d.reply, NAK)
         self._tally(d, "released")
         if self._forget(d):
             await self._pull()
@@ -372,7 +372,7 @@ class Consumer:
             outcome = Outcome(Action.NAK, delay_s=self._policy.delay_s(attempt), reason=outcome.reason)
         elif outcome.action is Action.NAK and self._dead_letters is not None:
             await self._dead_letters.note_failure(d.reply, self.service)
-        await self._nc.publish(d.reply, _settlement(outcome))
+        await self._out.publish(d.reply, _settlement(outcome))
         self._tally(d, outcome.label)
         event = d.event
         log.warning("event.failed", service=self.service, worker=self._worker, outcome=outcome.label,
@@ -474,7 +474,7 @@ class Consumer:
                 d.task.cancel()
             elif now - d.progress_at > progress_every_s:
                 d.progress_at = now
-                await self._nc.publish(d.reply, IN_PROGRESS)
+                await self._out.publish(d.reply, IN_PROGRESS)
 
 
 def _event_fields(event: Event | None) -> dict[str, str | None]:

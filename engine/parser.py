@@ -4,7 +4,8 @@ nats-py's ``Parser.parse`` tries a regular expression on the buffer for every co
 then ``HMSG``, then the rest) and deletes each message from the front of its ``bytearray`` as it goes.
 A worker's connection carries two messages per handled event (the delivery and the PubAck of its
 output), so that per-message work is a large part of what a worker spends outside the handler:
-measured on this machine, nats-py's parser took about a fifth of the engine's CPU per processed event.
+measured on this machine (py-spy, the engine's loop in one process), nats-py's parser took about a sixth
+of the engine's CPU per processed event.
 
 :class:`FastParser` reads ``MSG`` and ``HMSG`` lines by finding the line end and splitting on blanks,
 and moves an offset through the buffer, deleting what it consumed once per read. Everything else the
