@@ -153,7 +153,8 @@ class Consumer:
         self._last_seen = self._loop.time()
         self._sub: Any = None
         self._ticker: asyncio.Task[None] | None = None
-        self.counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()  # outcomes other than ack, and housekeeping events
+        self._acked = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -219,7 +220,7 @@ class Consumer:
         if self._stopping:
             # Never started: hand it straight back so another worker can take it.
             await self._out.publish(reply, NAK)
-            self.counts["released"] += 1
+            self._counts["released"] += 1
             self._metrics.outcome("-", "released")
             return
         delivery = _Delivery(self, msg, self._last_seen)
@@ -333,8 +334,14 @@ class Consumer:
         if d.settled:
             return
         d.settled = True
-        await self._out.publish(d.reply, ACK)
-        self._tally(d, "ack")
+        if not self._out.write(d.reply, ACK):
+            await self._out.publish(d.reply, ACK)
+        self._acked += 1
+        acks, route = self._metrics.acks, d.event.type if d.event is not None else "-"
+        if route in acks:
+            acks[route] += 1  # every acked event was routed: the common case, without _tally's Counters
+        else:
+            self._metrics.outcome("-", "ack")
         if self._forget(d):
             await self._pull()
 
@@ -424,8 +431,16 @@ class Consumer:
             if not finished:
                 d.task = task
 
+    @property
+    def counts(self) -> Counter[str]:
+        """How many deliveries ended how (ack, nak, term, released, parked...), since start."""
+        counts = Counter(self._counts)
+        if self._acked:
+            counts["ack"] += self._acked
+        return counts
+
     def _tally(self, d: _Delivery, outcome: str) -> None:
-        self.counts[outcome] += 1
+        self._counts[outcome] += 1
         event = d.event
         # Only routed types become label values: a bad producer must not explode the label set.
         self._metrics.outcome(event.type if event is not None and event.type in self._routes else "-", outcome)
@@ -455,7 +470,7 @@ class Consumer:
         silent_s = now - self._last_seen
         if self._credit > 0 and silent_s > 2 * self._svc.idle_heartbeat_s:
             log.warning("pull.heartbeat_missed", service=self.service, silent_s=round(silent_s, 1))
-            self.counts["heartbeats_missed"] += 1
+            self._counts["heartbeats_missed"] += 1
             self._missed_in_row += 1
             self._credit = 0
             self._last_seen = now

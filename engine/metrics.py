@@ -84,6 +84,7 @@ class RouteMetrics:
 
     def __init__(self, service: str, routes: Iterable[str] = (), breakers: Iterable[str] = ()) -> None:
         self.service = service
+        routes = list(routes)
         # Export zeros from the start (a series that appears only on the first failure breaks rate()).
         for route in routes:
             DEAD_LETTERED.labels(service, route)
@@ -92,6 +93,8 @@ class RouteMetrics:
             BREAKER_STATE.labels(service, name).set(0)
         REDELIVERIES.labels(service)
         self.outcomes: Tally[tuple[str, str]] = Tally()
+        # The outcome of nearly every event, counted per route without a tuple key or a Counter (hot path).
+        self.acks: dict[str, int] = dict.fromkeys(routes, 0)
         self.redelivered = 0
         self._buckets: dict[str, list[int]] = {}
         self._sums: dict[str, float] = {}
@@ -111,6 +114,10 @@ class RouteMetrics:
         for (route, outcome), n in self.outcomes.items():
             EVENTS_HANDLED.labels(self.service, route, outcome).inc(n)
         self.outcomes.clear()
+        for route, n in self.acks.items():
+            if n:
+                EVENTS_HANDLED.labels(self.service, route, "ack").inc(n)
+                self.acks[route] = 0
         if self.redelivered:
             REDELIVERIES.labels(self.service).inc(self.redelivered)
             self.redelivered = 0

@@ -147,6 +147,8 @@ class Publisher:
         self._seq += 1
         reply = self._inbox + str(self._seq)
         self._pending[reply] = entry
+        if self._out.write(entry.subject, entry.payload, reply, entry.headers):
+            return
         try:
             await self._out.publish(entry.subject, entry.payload, reply=reply, headers=entry.headers)
         except Exception as exc:

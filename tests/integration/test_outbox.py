@@ -126,3 +126,20 @@ def test_closed_connection_raises_like_client_publish(nats_server: EmbeddedServe
         raise AssertionError("publishing on a closed connection did not raise")
 
     _run(check, nats_server)
+
+
+def test_a_full_pending_buffer_is_left_to_client_publish(nats_server: EmbeddedServer) -> None:
+    """Over nats-py's pending limit the command needs a forced flush first: write() declines, publish() delivers."""
+    async def check(sender: Any, receiver: Any) -> None:
+        outbox = Outbox(sender)
+        sender._max_pending_size = 1  # any command is over it
+
+        async def send() -> None:
+            assert not outbox.write("outbox.full", b"x")
+            assert sender._pending_data_size == 0  # declined before touching the buffer
+            await outbox.publish("outbox.full", b"x")
+
+        got = await _received(receiver, "outbox.full", 1, send)
+        assert got[0].data == b"x"
+
+    _run(check, nats_server)
