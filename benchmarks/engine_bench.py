@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 POLL_S = 0.02
 
 
-def engine_config(url: str, workers: int, mode: Mode, pin_cpus: bool | str = "auto", pods: int = 1) -> dict[str, Any]:
+def engine_config(url: str, workers: int, mode: Mode, pin_cpus: bool = True, pods: int = 1) -> dict[str, Any]:
     return {
         "app": "bench",
         "subject_prefix": "bench",
@@ -111,15 +111,14 @@ def _stop(proc: subprocess.Popen[bytes], tree: list[psutil.Process]) -> None:
 
 
 def run_engine(url: str, n_total: int, workers: int, mode: Mode, timeout_s: float = 600.0,
-               pods: int = 1, pin_cpus: bool | str = "auto") -> dict[str, Any]:
+               pods: int = 1) -> dict[str, Any]:
     """Run ``pods`` ``jetpool run`` process trees on a prefilled BENCH stream until ``n_total`` inputs are acked.
 
-    ``pods`` > 1 stands for several Kubernetes pods of one service sharing its durable consumer;
-    ``pin_cpus`` is the service's setting (the engine's default unless a benchmark compares it).
+    ``pods`` > 1 stands for several Kubernetes pods of one service sharing its durable consumer.
     """
     workdir = Path(tempfile.mkdtemp(prefix="jetpool-bench-"))
     config = workdir / "bench.yaml"
-    config.write_text(yaml.safe_dump(engine_config(url, workers, mode, pin_cpus, pods)))
+    config.write_text(yaml.safe_dump(engine_config(url, workers, mode, pods=pods)))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs: list[subprocess.Popen[bytes]] = []
     for pod in range(pods):

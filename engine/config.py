@@ -69,15 +69,6 @@ NonNegFloat = Annotated[float, _number(float, positive=False, allow_zero=True)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
 
 
-def _pin_setting(value: Any) -> Any:
-    if isinstance(value, bool) or value == "auto":
-        return value
-    raise PydanticCustomError("jetpool_pin", "expected true, false or 'auto', got {got}", {"got": repr(value)})
-
-
-PinSetting = Annotated[bool | Literal["auto"], BeforeValidator(_pin_setting)]
-
-
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -158,7 +149,7 @@ class ServiceConfig(_Frozen):
     drain_timeout_s: PosFloat = 20.0
     idle_heartbeat_s: PosFloat = 5.0
     pull_expires_s: PosFloat = 30.0
-    pin_cpus: PinSetting = "auto"
+    pin_cpus: bool = True
     replicas: PosInt = 1
     state: list[Name] = Field(default_factory=list)
     breakers: list[Name] = Field(default_factory=list)

@@ -2,15 +2,9 @@
 
 Each service gets ``workers`` processes. Worker *slots* are numbered across services and pinned
 round-robin over the CPUs the supervisor may use (``supervisor.cpus`` or its own affinity), so two
-busy workers do not fight over one core while another idles. With ``pin_cpus: auto`` (the default)
-slots are pinned only while there are fewer of them than CPUs: when the workers take every CPU, a
-pinned worker cannot be moved off a core that another busy process (the broker on the same machine,
-the supervisor) needs, and the throughput benchmark measured the process loop 5 % slower pinned than
-not with 2 workers on 2 CPUs beside the broker (with a CPU to spare, pinning made no difference).
-
-A slot whose process dies while the supervisor is running is restarted after an exponential backoff;
-more than ``max_restarts`` crashes within ``restart_window_s`` is a crash loop: everything is stopped
-and the exit code is 3.
+busy workers do not fight over one core while another idles. A slot whose process dies while the
+supervisor is running is restarted after an exponential backoff; more than ``max_restarts`` crashes
+within ``restart_window_s`` is a crash loop: everything is stopped and the exit code is 3.
 
 SIGTERM or SIGINT sets one ``multiprocessing.Event`` that every worker watches: they stop pulling,
 drain and exit. The supervisor waits until the largest ``drain_timeout_s`` plus a margin (Kubernetes'
@@ -68,13 +62,6 @@ def plan_cpus(count: int, allowed: Sequence[int] | None = None) -> list[int]:
     return [cpus[i % len(cpus)] for i in range(count)]
 
 
-def pins(setting: bool | str, slots: int, cpus: int) -> bool:
-    """Whether a service's slots are pinned: ``pin_cpus`` true or false, or ``auto``: only with a CPU to spare."""
-    if setting == "auto":
-        return slots < cpus
-    return bool(setting)
-
-
 class Supervisor:
     """Runs the worker processes of the given services until shutdown.
 
@@ -98,10 +85,9 @@ class Supervisor:
     def _plan(self, services: Sequence[str]) -> list[Slot]:
         wanted = [(s, i) for s in services for i in range(self.config.services[s].workers)]
         cpus = plan_cpus(len(wanted), self.config.supervisor.cpus)
-        available = len(set(self.config.supervisor.cpus or os.sched_getaffinity(0)))
         slots = []
         for slot_no, ((service, index), cpu) in enumerate(zip(wanted, cpus, strict=True)):
-            pinned = cpu if pins(self.config.services[service].pin_cpus, len(wanted), available) else None
+            pinned = cpu if self.config.services[service].pin_cpus else None
             spec = WorkerSpec(self.config, service, index, slot_no, pinned)
             slots.append(Slot(spec, self._ctx.Array("d", 2, lock=False)))
         return slots

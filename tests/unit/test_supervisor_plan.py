@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from engine.config import Config, parse_config
-from engine.supervisor import Supervisor, pins, plan_cpus
+from engine.supervisor import Supervisor, plan_cpus
 
 
 def test_plan_cpus_round_robin_over_allowed_cpus() -> None:
@@ -19,15 +19,14 @@ def test_plan_cpus_defaults_to_own_affinity() -> None:
     assert plan_cpus(len(mine) + 1) == [*mine, mine[0]]
 
 
-def config(pin: bool | str = True, **supervisor: object) -> Config:
+def config(**supervisor: object) -> Config:
     return parse_config({
         "subject_prefix": "shop",
         "streams": [{"name": "SHOP", "subjects": ["shop.>"]}],
         "services": {
-            "orders": {"stream": "SHOP", "routes": {"A": "handlers.examples:echo"}, "workers": 2, "pin_cpus": True},
+            "orders": {"stream": "SHOP", "routes": {"A": "handlers.examples:echo"}, "workers": 2},
             "audit": {"stream": "SHOP", "routes": {"B": "handlers.examples:sink"}, "workers": 1, "pin_cpus": False},
-            "payments": {"stream": "SHOP", "routes": {"C": "handlers.examples:sink"}, "workers": 2,
-                         "pin_cpus": pin},
+            "payments": {"stream": "SHOP", "routes": {"C": "handlers.examples:sink"}, "workers": 2},
         },
         "supervisor": supervisor,
     })
@@ -61,18 +60,3 @@ def test_backoff_doubles_up_to_the_maximum() -> None:
 def test_crash_loop_is_more_than_max_restarts_within_the_window() -> None:
     sup = Supervisor(config(max_restarts=3, restart_window_s=60), ["audit"])
     assert [sup._crash_loop() for _ in range(4)] == [False, False, False, True]
-
-
-def test_auto_pins_only_with_a_cpu_to_spare() -> None:
-    assert [pins("auto", slots, 4) for slots in (1, 3, 4, 5)] == [True, True, False, False]
-    assert pins(True, 5, 4) and not pins(False, 1, 4)
-
-
-def test_auto_is_the_default_and_counts_every_slot_of_the_supervisor() -> None:
-    assert parse_config({"streams": [{"name": "S", "subjects": ["events.>"]}], "services": {"a": {
-        "stream": "S", "routes": {"A": "handlers.examples:echo"}}}}).services["a"].pin_cpus == "auto"
-    # 2 payments slots alone fit 3 CPUs; with orders' 2 and audit's 1 (unpinned, but a slot) they do not.
-    alone = Supervisor(config("auto", cpus=[0, 1, 2]), ["payments"])
-    assert [s.spec.cpu for s in alone.slots] == [0, 1]
-    shared = Supervisor(config("auto", cpus=[0, 1, 2]), ["orders", "audit", "payments"])
-    assert [s.spec.cpu for s in shared.slots] == [0, 1, None, None, None]
