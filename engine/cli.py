@@ -24,7 +24,7 @@ from engine.embedded import EmbeddedServer
 from engine.errors import JetpoolError
 from engine.logs import configure_logging
 from engine.provision import provision
-from engine.supervisor import Supervisor
+from engine.supervisor import Supervisor, check_cpus
 
 log = structlog.get_logger("jetpool.cli")
 
@@ -184,6 +184,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
                            f"(services: {', '.join(cfg.services)})")
     for service in services:
         build_router(cfg, service)  # fail on a bad route before any process starts
+    check_cpus(cfg, services)
     async with broker(cfg) as live:
         if not args.no_provision:
             await provision_only(live, services)

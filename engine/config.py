@@ -174,6 +174,11 @@ class ServiceConfig(_Frozen):
             raise PydanticCustomError(
                 "jetpool_cross", "batch ({batch}) must not exceed max_in_flight ({window})",
                 {"batch": self.batch, "window": self.max_in_flight})
+        if self.idle_heartbeat_s * 2 > self.pull_expires_s:
+            # The server refuses such a pull ("400 heartbeat value too large"): nothing would ever be delivered.
+            raise PydanticCustomError(
+                "jetpool_cross", "idle_heartbeat_s ({hb}) must be at most half of pull_expires_s ({expires}): "
+                "the server refuses longer heartbeats", {"hb": self.idle_heartbeat_s, "expires": self.pull_expires_s})
         needed = self.workers * self.max_in_flight * self.replicas
         if self.max_ack_pending is not None and needed > self.max_ack_pending:
             raise PydanticCustomError(

@@ -140,6 +140,8 @@ def resolve_handler(target: str, where: str) -> Handler:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"{where}: cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # the module itself is broken (a syntax error, a failing import-time statement)
+        raise ConfigError(f"{where}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     func = getattr(module, func_name, None)
     if func is None:
         raise ConfigError(f"{where}: module {module_name!r} has no function {func_name!r}")

@@ -30,7 +30,7 @@ import structlog
 from prometheus_client import multiprocess
 
 from engine.config import Config
-from engine.errors import JetpoolError
+from engine.errors import ConfigError, JetpoolError
 from engine.metrics import WORKER_RESTARTS, prepare_multiprocess_dir
 from engine.probes import LagSampler, Probes
 from engine.worker import WorkerSpec, worker_main
@@ -54,6 +54,22 @@ class Slot:
     started_at: float = 0.0
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)
+
+
+def check_cpus(config: Config, services: Sequence[str]) -> None:
+    """``supervisor.cpus`` must name CPUs this process may use, else every pinned worker would die at start.
+
+    Checked when a supervisor is about to start (not when the file is loaded: the same file is checked
+    on other machines), and only if one of ``services`` pins its workers.
+    """
+    wanted = config.supervisor.cpus
+    if not wanted or not any(config.services[s].pin_cpus for s in services):
+        return
+    allowed = os.sched_getaffinity(0)
+    missing = sorted(set(wanted) - allowed)
+    if missing:
+        raise ConfigError(f"{config.source}: supervisor.cpus: CPU {', '.join(map(str, missing))} is not available "
+                          f"to this process (it may use {', '.join(map(str, sorted(allowed)))})")
 
 
 def plan_cpus(count: int, allowed: Sequence[int] | None = None) -> list[int]:

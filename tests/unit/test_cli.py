@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,15 @@ def test_run_rejects_a_bad_route_before_starting_anything(tmp_path: Path) -> Non
     result = run_cli(["run", "-c", str(path), "--nats-url", "nats://127.0.0.1:1"], timeout_s=30)
     assert result.returncode == 2
     assert f"{path}: services.payments.routes.OrderPlaced: cannot import module 'handlers.nowhere'" in result.stderr
+
+
+def test_run_rejects_cpus_this_machine_does_not_have_before_starting_anything(tmp_path: Path) -> None:
+    path = shop(tmp_path)
+    absent = max(os.sched_getaffinity(0)) + 1
+    result = run_cli(["run", "-c", str(path), "--nats-url", "nats://127.0.0.1:1"], timeout_s=30,
+                     env={"JETPOOL__SUPERVISOR__CPUS": f"[{absent}]"})
+    assert result.returncode == 2
+    assert f"{path}: supervisor.cpus: CPU {absent} is not available to this process (it may use " in result.stderr
 
 
 def test_run_rejects_an_unknown_service(tmp_path: Path) -> None:

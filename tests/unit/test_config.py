@@ -139,6 +139,8 @@ def test_route_target_must_be_module_colon_function(tmp_path: Path, target: str,
     ("streams", "name", "bad name", "streams.0.name: expected letters, digits, '_' or '-', got 'bad name'"),
     ("supervisor", "cpus", [0, -1], "supervisor.cpus.1: expected a non-negative integer, got -1"),
     ("services", "ack_wait_s", 0, "services.payments.ack_wait_s: expected a positive number, got 0"),
+    ("services", "idle_heartbeat_s", 16, "services.payments: idle_heartbeat_s (16.0) must be at most half of "
+     "pull_expires_s (30.0): the server refuses longer heartbeats"),
 ])
 def test_error_messages_for_other_fields(tmp_path: Path, section: str, key: str, value: Any, expected: str) -> None:
     raw = shop()
