@@ -173,6 +173,10 @@ class Consumer:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+        # Parked deliveries wait for a breaker, not for a handler: hand them back now, not at the deadline.
+        parked, self._parked = self._parked, []
+        for delivery in parked:
+            await self._release(delivery)
         deadline = self._loop.time() + drain_timeout_s
         while self._in_flight and self._loop.time() < deadline:
             await asyncio.sleep(_DRAIN_POLL_S)
@@ -203,6 +207,11 @@ class Consumer:
         return len(self._in_flight)
 
     @property
+    def bound(self) -> bool:
+        """Readiness: false while the server answers pulls with an error (no consumer, leader change, 400...)."""
+        return self._last_status is None
+
+    @property
     def healthy(self) -> bool:
         """Liveness: false once pulls went unanswered (no message, no heartbeat) several times in a row."""
         return self._missed_in_row < _MISSES_UNHEALTHY
@@ -217,6 +226,7 @@ class Consumer:
             await self._on_status(msg)
             return
         self._credit -= 1
+        self._last_status = None  # a delivery: the pull was answered
         if self._stopping:
             # Never started: hand it straight back so another worker can take it.
             await self._out.publish(reply, NAK)
@@ -357,7 +367,7 @@ class Consumer:
             await self._release(d)
 
     async def _release(self, d: _Delivery) -> None:
-        """Drain deadline: hand the message back at once so another worker can take it."""
+        """Drain: hand the message back at once so another worker can take it."""
         if d.settled:
             return
         d.settled = True
@@ -370,7 +380,10 @@ class Consumer:
         if d.settled:
             return
         if isinstance(exc, BreakerOpen):
-            self._park(d)
+            if self._stopping:
+                await self._release(d)  # a trial refused while draining: nothing will resume it here
+            else:
+                self._park(d)
             return
         d.settled = True
         attempt = ack_metadata(d.reply)[0]

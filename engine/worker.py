@@ -146,7 +146,7 @@ async def _wait_for_stop(shutdown: Any, local_stop: asyncio.Event, lost: asyncio
         now = time.time()
         if now - beat_at >= _BEAT_S:
             status[BEAT] = now if consumer.healthy else -now
-            status[READY] = 1.0 if nc.is_connected else 0.0
+            status[READY] = 1.0 if nc.is_connected and consumer.bound else 0.0
             beat_at = now
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(local_stop.wait(), _POLL_S)

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import yaml
 
 from engine.config import load_config
 from engine.deadletter import Entry, list_entries
-from tests.integration.test_observability import get, port_of, total
+from tests.integration.test_observability import get, port_of, total, with_http
 from tests.support import (
     App,
     Engine,
@@ -203,6 +204,27 @@ def test_open_breaker_parks_events_instead_of_dead_lettering_them(make_config: C
     assert consumer_info(app, "echo").delivered.consumer_seq - 300 <= 5
 
 
+def test_a_drain_releases_parked_events_at_once_instead_of_waiting_for_the_deadline(
+        make_config: Callable[..., App], engine: StartEngine, tmp_path: Path) -> None:
+    """Parked events wait for a breaker, not a handler: SIGTERM hands them back before the drain's wait."""
+    control = tmp_path / "outage"
+    control.touch()  # the dependency is down: every event ends up parked
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:through_breaker"}, "breakers": ["dependency"],
+                                         "settings": {"control_file": str(control)}, "retry": {"delays_s": [0.2]},
+                                         "max_in_flight": 32, "batch": 16, "drain_timeout_s": 4}}),
+                   breakers={"dependency": {"fail_max": 2, "reset_timeout_s": 1.0}})
+    run = engine(app)
+    publish(app, pings(50))
+    wait_for(lambda: consumer_info(app, "echo").num_ack_pending >= 30, 30, "a full window parked", detail=run.tail)
+    run.send(signal.SIGTERM)
+    assert run.wait_exit(30) == 0, run.tail()
+    drained = run.records("consumer.drained")
+    assert len(drained) == 1, run.tail()
+    # Released when the drain began: none was still in flight when its wait ended.
+    assert drained[0]["unfinished"] == 0 and drained[0]["released"] >= 30, drained
+    assert dlq(app) == [] and count(app, "Pong") == 0
+
+
 def test_a_breaker_left_open_with_nothing_parked_still_gets_its_trial(make_config: Callable[..., App],
                                                                      engine: StartEngine, tmp_path: Path) -> None:
     """Parked events whose retries fail before reaching the breaker settle elsewhere; pulling must go on.
@@ -240,9 +262,13 @@ def test_a_breaker_left_open_with_nothing_parked_still_gets_its_trial(make_confi
 
 def test_a_deleted_consumer_is_reported_once_not_on_every_repull(make_config: Callable[..., App],
                                                                   engine: StartEngine) -> None:
-    """The ticker re-pulls every tick; the server's same answer each time is one log line, not one a tick."""
-    app = make_config({"echo": {"idle_heartbeat_s": 0.5}})  # a tick every 0.25 s
+    """The ticker re-pulls every tick; the server's same answer each time is one log line, not one a tick.
+
+    Meanwhile the pod is unready (alive, but consuming nothing), and ready again once the consumer is back.
+    """
+    app = with_http(make_config({"echo": {"idle_heartbeat_s": 0.5}}))  # a tick every 0.25 s
     run = engine(app)
+    port = port_of(run)
     publish(app, pings(3))
     wait_for(lambda: count(app, "Pong") >= 3, 30, "3 Pongs", detail=run.tail)
 
@@ -262,6 +288,14 @@ def test_a_deleted_consumer_is_reported_once_not_on_every_repull(make_config: Ca
     asyncio.run(asyncio.sleep(2))  # about eight more re-pulls, all answered 503
     assert statuses().count("503") == 1, statuses()
     assert statuses().count("409") <= 1  # "Consumer Deleted", for the pull that was open
+    wait_for(lambda: get(port, "/ready")[0] == 503, 10, "/ready 503 without a consumer", detail=run.tail)
+    assert get(port, "/health")[0] == 200
+
+    provisioned = run_cli(["provision", "-c", str(app.path)], env={"JETPOOL_NATS_URL": app.url})
+    assert provisioned.returncode == 0, provisioned.stderr
+    wait_for(lambda: get(port, "/ready")[0] == 200, 15, "/ready 200 once the consumer is back", detail=run.tail)
+    publish(app, pings(3, batch=2))
+    wait_for(lambda: count(app, "Pong") >= 6, 30, "3 more Pongs", detail=run.tail)
 
 
 def test_worker_killed_on_every_attempt_is_caught_by_the_max_deliveries_advisory(
