@@ -7,6 +7,7 @@ broker, so every way it can fail is seen to fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import signal
@@ -36,10 +37,22 @@ from tests.support import REPO_ROOT, App, engine_env, wait_for
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL the demo by PID unless it already exited (Popen knows, so a reused PID is never hit)."""
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    """SIGKILL the demo and everything it started, by PID, unless it already exited.
+
+    The demo's engine (a supervisor in its own session, and its workers) would outlive a killed demo,
+    so the tree is collected first; psutil checks each PID's start time, so a reused PID is never hit.
+    """
+    if proc.poll() is not None:
+        return
+    tree: list[psutil.Process] = []
+    with contextlib.suppress(psutil.Error):
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    proc.wait(10)
+    for child in tree:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(tree, timeout=10)
 
 
 def _demo(config: Path, url: str, *args: str) -> subprocess.Popen[str]:
