@@ -122,8 +122,12 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     await publisher.stop()
     shutdown_tracing()
     with contextlib.suppress(Exception):
-        await nc.flush(timeout=5)
-    await nc.close()
+        await nc.flush(timeout=5)  # the last acks and outputs on the wire
+    try:
+        await nc.drain()  # unsubscribe everything, finish what was received, flush, close
+    except Exception as exc:
+        log.warning("nats.drain_failed", error=repr(exc))
+        await nc.close()
     log.info("worker.stopped")
     return 0
 
