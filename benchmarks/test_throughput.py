@@ -3,14 +3,15 @@
     make bench                                   # full size: 200k events per round, 3 rounds
     JETPOOL_BENCH_N=50000 JETPOOL_BENCH_ROUNDS=1 make bench   # quicker
 
-Every contender drains the same prefilled BENCH stream (200-byte events, file storage) through the same
-durable pull consumer, with the same no-op work: ``process`` publishes one output per input and acks the
-input after the output's PubAck; ``consume`` only acks. Rounds are interleaved: each runs floor, jetpool
-and FastStream once (in an order rotated every round) on a freshly prefilled stream, so a slow spell of
-a shared machine lands on every contender. Each rate is timed from the first delivery to the last ack,
-so process start-up and prefilling are excluded. The session prints a table of medians, the
-engine/floor ratios (of the medians, and the median of each round's own ratio) and peak RSS per worker;
-pytest-benchmark's own timing of a whole round is kept in its JSON for reference.
+Every contender drains the same prefilled BENCH stream (events of 238 bytes, the smallest envelope, as
+prefill pads toward 200; file storage) through the same durable pull consumer, with the same no-op work:
+``process`` publishes one output per input and acks the input after the output's PubAck; ``consume`` only
+acks. Rounds are interleaved: each runs floor, jetpool and FastStream once (in an order rotated every round)
+on a freshly prefilled stream, so a slow spell of a shared machine lands on every contender. Each rate is
+timed from the first delivery to the last ack, so process start-up and prefilling are excluded. The session
+prints a table of medians, the engine/floor ratios (of the medians, and the median of each round's own
+ratio) and peak RSS per worker; pytest-benchmark's own timing of a whole round is kept in its JSON for
+reference.
 """
 
 from __future__ import annotations

@@ -54,3 +54,26 @@ async def blocking_sleep(event: Event, ctx: Context) -> Event:
     """Block the worker's event loop for ``data.sleep_s`` seconds: a handler no drain can interrupt."""
     time.sleep(float(event.data.get("sleep_s", 0)))
     return _pong(event)
+
+
+_together: dict[str, object] = {"inside": 0, "all_in": None}
+
+
+async def together(event: Event, ctx: Context) -> Event:
+    """A Pong only once ``data.together`` handlers of this worker are running at the same time.
+
+    If a worker ran its handlers one after the other, the first would wait here alone and time out: the
+    Pongs prove concurrency without measuring time.
+    """
+    all_in = _together["all_in"]
+    if not isinstance(all_in, asyncio.Event):
+        all_in = _together["all_in"] = asyncio.Event()
+    inside = int(str(_together["inside"])) + 1
+    _together["inside"] = inside
+    try:
+        if inside >= int(event.data["together"]):
+            all_in.set()
+        await asyncio.wait_for(all_in.wait(), 60)
+    finally:  # a handler cancelled at its timeout (and redelivered) must not count twice
+        _together["inside"] = int(str(_together["inside"])) - 1
+    return _pong(event)

@@ -23,6 +23,19 @@ from tests.support import (
 StartEngine = Callable[..., Engine]
 
 
+def test_handlers_of_one_worker_run_concurrently_up_to_the_window(make_config: Callable[..., App],
+                                                                 engine: StartEngine) -> None:
+    """Each handler returns only once 20 of them are inside at the same time, in one worker."""
+    app = make_config({"echo": {"workers": 1, "max_in_flight": 32, "batch": 32,
+                                "routes": {"Ping": f"{HANDLERS}:together"}}})
+    run = engine(app)
+    sent = pings(20, together=20)
+    publish(app, sent)
+    wait_for(lambda: count(app, "Pong") >= len(sent), 45, "20 Pongs from 20 handlers running at once",
+             detail=run.tail)
+    assert {p.id for p in read(app, "Pong")} == expected_pong_ids(sent)
+
+
 def test_every_ping_yields_exactly_one_pong_bound_to_it(make_config: Callable[..., App],
                                                           engine: StartEngine) -> None:
     app = make_config({"echo": {"workers": 2}})
