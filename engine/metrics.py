@@ -93,7 +93,7 @@ class RouteMetrics:
             BREAKER_STATE.labels(service, name).set(0)
         REDELIVERIES.labels(service)
         self.outcomes: Tally[tuple[str, str]] = Tally()
-        # The outcome of nearly every event, counted per route without a tuple key or a Counter (hot path).
+        # Acks per route, without a tuple key or a Counter: see acked().
         self.acks: dict[str, int] = dict.fromkeys(routes, 0)
         self.redelivered = 0
         self._buckets: dict[str, list[int]] = {}
@@ -101,6 +101,13 @@ class RouteMetrics:
 
     def outcome(self, route: str, outcome: str) -> None:
         self.outcomes[(route, outcome)] += 1
+
+    def acked(self, route: str) -> None:
+        """The outcome of nearly every event: one dict increment (an unrouted type counts under "-")."""
+        if route in self.acks:
+            self.acks[route] += 1
+        else:
+            self.outcomes[("-", "ack")] += 1
 
     def duration(self, route: str, seconds: float) -> None:
         counts = self._buckets.get(route)

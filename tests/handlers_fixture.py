@@ -56,7 +56,11 @@ async def blocking_sleep(event: Event, ctx: Context) -> Event:
     return _pong(event)
 
 
-_together: dict[str, object] = {"inside": 0, "all_in": None}
+class _Together:
+    """This worker's handlers inside :func:`together` now, and the event set once enough were at once."""
+
+    inside = 0
+    all_in: asyncio.Event | None = None
 
 
 async def together(event: Event, ctx: Context) -> Event:
@@ -65,15 +69,13 @@ async def together(event: Event, ctx: Context) -> Event:
     If a worker ran its handlers one after the other, the first would wait here alone and time out: the
     Pongs prove concurrency without measuring time.
     """
-    all_in = _together["all_in"]
-    if not isinstance(all_in, asyncio.Event):
-        all_in = _together["all_in"] = asyncio.Event()
-    inside = int(str(_together["inside"])) + 1
-    _together["inside"] = inside
+    if _Together.all_in is None:
+        _Together.all_in = asyncio.Event()
+    _Together.inside += 1
     try:
-        if inside >= int(event.data["together"]):
-            all_in.set()
-        await asyncio.wait_for(all_in.wait(), 60)
+        if _Together.inside >= int(event.data["together"]):
+            _Together.all_in.set()
+        await asyncio.wait_for(_Together.all_in.wait(), 60)
     finally:  # a handler cancelled at its timeout (and redelivered) must not count twice
-        _together["inside"] = int(str(_together["inside"])) - 1
+        _Together.inside -= 1
     return _pong(event)

@@ -97,12 +97,16 @@ def test_outcomes_in_flight_and_breakers_are_flushed_once_per_tick() -> None:
     assert value("jetpool_redeliveries_total", service=svc) == 0
     for outcome in ("ack", "ack", "retry", "ack"):
         tallies.outcome(ROUTE, outcome)
-    tallies.acks[ROUTE] += 5  # the consumer's hot path counts acks here
+    for _ in range(5):
+        tallies.acked(ROUTE)  # the consumer's hot path
+    tallies.acked("Unrouted")  # counted under "-", never as a label value of its own
     tallies.redelivered += 2
     tallies.flush(3, {"gateway": "open"})
     tallies.flush(2, {"gateway": "open"})
     assert value("jetpool_redeliveries_total", service=svc) == 2
     assert value("jetpool_events_handled_total", service=svc, route=ROUTE, outcome="ack") == 8
+    assert value("jetpool_events_handled_total", service=svc, route="-", outcome="ack") == 1
+    assert value("jetpool_events_handled_total", service=svc, route="Unrouted", outcome="ack") is None
     assert value("jetpool_events_handled_total", service=svc, route=ROUTE, outcome="retry") == 1
     assert value("jetpool_in_flight", service=svc) == 2
     assert value("jetpool_breaker_state", service=svc, breaker="gateway") == 2
