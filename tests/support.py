@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
+import nats.js.errors
 import psutil  # type: ignore[import-untyped]
 import yaml
 from nats.js import api
@@ -217,38 +218,56 @@ def count(app: App, event_type: str) -> int:
 
 def read(app: App, event_type: str, timeout_s: float = 60.0) -> list[Event]:
     """Every message stored on the subject of ``event_type``, decoded, in stream order."""
+    return [event for event, _ in read_stamped(app, event_type, timeout_s)]
 
-    async def work(js: Any) -> list[Event]:
+
+async def _reader(js: Any, stream: str, subject: str, deadline: float) -> Any:
+    """An ephemeral pull subscription reading ``subject`` from the start, retried until ``deadline``."""
+    config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
+                                inactive_threshold=30.0)
+    while True:
+        try:
+            return await js.pull_subscribe(subject, stream=stream, config=config)
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+def read_stamped(app: App, event_type: str, timeout_s: float = 60.0) -> list[tuple[Event, float]]:
+    """Every stored message of ``event_type`` with its stream timestamp (wall-clock seconds).
+
+    On a cluster that just lost or regained a node the reader's consumer may not be running yet: its
+    creation times out, or a pull is answered 503 (no responders). Both are waited out until
+    ``timeout_s``; a wrong count is still a failure.
+    """
+
+    async def work(js: Any) -> list[tuple[Event, float]]:
         subject = app.subject(event_type)
         info = await js.stream_info(app.stream, subjects_filter=subject)
         expected = int(sum((info.state.subjects or {}).values()))
         if expected == 0:
             return []
-        config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
-                                    inactive_threshold=30.0)
         deadline = time.monotonic() + timeout_s
-        while True:  # on a cluster that just lost a node, creating the reader can time out for a while
-            try:
-                sub = await js.pull_subscribe(subject, stream=app.stream, config=config)
-                break
-            except nats.errors.TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
-        out: list[Event] = []
+        sub = await _reader(js, app.stream, subject, deadline)
+        out: list[tuple[Event, float]] = []
         try:
             while len(out) < expected:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"read only {len(out)} of {expected} {event_type} messages")
-                with contextlib.suppress(nats.errors.TimeoutError):
+                try:
                     for msg in await sub.fetch(min(500, expected - len(out)), timeout=2):
-                        out.append(Event.decode(msg.data))
+                        out.append((Event.decode(msg.data), msg.metadata.timestamp.timestamp()))
+                except nats.errors.TimeoutError:
+                    continue
+                except nats.js.errors.ServiceUnavailableError:
+                    await asyncio.sleep(0.2)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         return out
 
-    result: list[Event] = asyncio.run(_with_js(app.url, work))
+    result: list[tuple[Event, float]] = asyncio.run(_with_js(app.url, work))
     return result
 
 

@@ -39,12 +39,22 @@ import orjson
 import psutil  # type: ignore[import-untyped]
 import pytest
 import yaml
-from nats.js import api
 
 from engine.embedded import EmbeddedCluster
 from engine.events import MSG_ID_HEADER, Event
 from tests.cluster_fixture import cluster, via_live_node
-from tests.support import App, Engine, consumer_info, expected_pong_ids, pings, publish, read, settled, wait_for
+from tests.support import (
+    App,
+    Engine,
+    consumer_info,
+    expected_pong_ids,
+    pings,
+    publish,
+    read,
+    read_stamped,
+    settled,
+    wait_for,
+)
 
 __all__ = ["cluster"]  # the fixture, imported so pytest finds it
 
@@ -229,28 +239,8 @@ async def scenario(app: App, cluster: EmbeddedCluster, events: Sequence[Event], 
 # ---- reading the outcome -----------------------------------------------------------------------------
 
 
-async def _stored(url: str, app: App, event_type: str) -> list[tuple[Event, float]]:
-    """Every stored message of ``event_type`` with its stream timestamp (wall-clock seconds)."""
-    nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
-    try:
-        js = nc.jetstream()
-        subject = app.subject(event_type)
-        info = await js.stream_info(app.stream, subjects_filter=subject)
-        expected = int(sum((info.state.subjects or {}).values()))
-        config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0)
-        sub = await js.pull_subscribe(subject, stream=app.stream, config=config)
-        out: list[tuple[Event, float]] = []
-        while len(out) < expected:
-            with contextlib.suppress(nats.errors.TimeoutError):
-                for msg in await sub.fetch(min(500, expected - len(out)), timeout=2):
-                    out.append((Event.decode(msg.data), msg.metadata.timestamp.timestamp()))
-        return out
-    finally:
-        await nc.close()
-
-
 def stored(app: App, event_type: str) -> list[tuple[Event, float]]:
-    return asyncio.run(asyncio.wait_for(_stored(app.url, app, event_type), 60))
+    return read_stamped(app, event_type, timeout_s=60.0)
 
 
 def settled_now(app: App) -> bool:
