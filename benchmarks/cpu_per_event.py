@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import nats
 import uvloop
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", type=int, default=150_000, help="events per round (default 150000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each loop (default 3)")
     args = parser.parse_args(argv)
-    server = EmbeddedServer(store_dir=tempfile.mkdtemp(prefix="jetpool-cpu-")).start()
+    server = EmbeddedServer(store_dir=Path(tempfile.mkdtemp(prefix="jetpool-cpu-"))).start()
     results: dict[str, list[float]] = {"floor": [], "engine": []}
     try:
         for _ in range(args.rounds):

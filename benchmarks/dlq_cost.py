@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil  # type: ignore[import-untyped]
+import psutil
 import uvloop
 
 from engine.chaos import Session, Shop, _malformed

@@ -56,7 +56,7 @@ from typing import Any
 
 import nats
 import orjson
-import psutil  # type: ignore[import-untyped]
+import psutil
 import structlog
 import yaml
 from nats.js import api

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psutil  # type: ignore[import-untyped]
+import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

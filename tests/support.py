@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import nats
 import nats.js.errors
-import psutil  # type: ignore[import-untyped]
+import psutil
 import yaml
 from nats.js import api
 

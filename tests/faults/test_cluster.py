@@ -36,7 +36,7 @@ from typing import Any
 
 import nats
 import orjson
-import psutil  # type: ignore[import-untyped]
+import psutil
 import pytest
 import yaml
 

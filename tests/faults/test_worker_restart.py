@@ -6,7 +6,7 @@ import os
 import signal
 from collections.abc import Callable
 
-import psutil  # type: ignore[import-untyped]
+import psutil
 
 from tests.support import (
     HANDLERS,

@@ -127,11 +127,13 @@ class Rendered:
     def config(self) -> dict[str, Any]:
         (cm,) = [o for o in self.of("ConfigMap")
                  if "config.yaml" in o["data"] and "helm.sh/hook" not in o["metadata"].get("annotations", {})]
-        return yaml.safe_load(cm["data"]["config.yaml"])
+        config: dict[str, Any] = yaml.safe_load(cm["data"]["config.yaml"])
+        return config
 
 
 def _container(deployment: dict[str, Any]) -> dict[str, Any]:
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
+    (container,) = containers
     return container
 
 
@@ -160,7 +162,8 @@ def render(chart: helm.Chart) -> Any:
 
 @pytest.fixture(scope="module")
 def default(render: Any) -> Rendered:
-    return render()
+    rendered: Rendered = render()
+    return rendered
 
 
 # --- lint ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import psutil  # type: ignore[import-untyped]
+import psutil
 
 from tests.support import App, Engine, count, expected_pong_ids, pings, publish, read, settled, wait_for
 

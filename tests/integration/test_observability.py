@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil  # type: ignore[import-untyped]
+import psutil
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -140,8 +140,11 @@ def test_health_fails_when_the_consumer_stops_hearing_the_server(make_config: Ca
     assert private_server.pid is not None
     os.kill(private_server.pid, signal.SIGSTOP)
     try:
-        _, body = wait_for(lambda: (r := get(port, "/health"))[0] == 503 and r, 60,
-                                "/health 503 while the broker is frozen", detail=run.tail)
+        def frozen() -> tuple[int, str] | None:
+            response = get(port, "/health")
+            return response if response[0] == 503 else None
+
+        _, body = wait_for(frozen, 60, "/health 503 while the broker is frozen", detail=run.tail)
         assert json.loads(body)["workers"][0]["healthy"] is False
         assert run.records("pull.heartbeat_missed")
     finally:

@@ -203,7 +203,8 @@ def creds_auth(directory: Path) -> Auth:
         seeds.append(seed)
     (directory / "operator.jwt").write_text(_jwt(operator_pair, operator, "jetpool-test", {"type": "operator"}))
     # The server knows SYS and APP (JetStream on: its limits include storage); STRANGER is unknown.
-    claims = {"SYS": {"type": "account"}, "APP": {"type": "account", "limits": {**UNLIMITED, "wildcards": True}}}
+    claims: dict[str, dict[str, Any]] = {"SYS": {"type": "account"},
+                                         "APP": {"type": "account", "limits": {**UNLIMITED, "wildcards": True}}}
     preload = "".join(f'  {accounts[name][1]}: "{_jwt(operator_pair, accounts[name][1], name, nats)}"\n'
                       for name, nats in claims.items())
     conf = (f'operator: "{directory / "operator.jwt"}"\nsystem_account: {accounts["SYS"][1]}\n'

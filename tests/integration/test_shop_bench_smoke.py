@@ -65,7 +65,7 @@ def test_the_shop_benchmark_sweeps_offered_load_and_writes_its_json_and_plot(tmp
 
 
 def test_sustained_is_the_fastest_point_that_kept_up() -> None:
-    base = Summary(**{name: 0 for name in Summary.__dataclass_fields__})  # type: ignore[arg-type]
+    base = Summary(**{name: 0 for name in Summary.__dataclass_fields__})
 
     def point(offered: float, steady: float) -> Summary:
         return dataclasses.replace(base, offered_per_s=offered, steady_per_s=steady)

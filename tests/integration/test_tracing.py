@@ -63,8 +63,11 @@ def test_one_trace_spans_three_services(nats_server: EmbeddedServer) -> None:
     assert set(spans) == {"a Start", "b Mid", "c End"}
     trace_ids = {s.context.trace_id for s in spans.values()}
     assert trace_ids == {int(start.trace_id, 16)}  # the envelope's trace id is the OTel trace id
-    assert spans["b Mid"].parent.span_id == spans["a Start"].context.span_id
-    assert spans["c End"].parent.span_id == spans["b Mid"].context.span_id
+    mid_parent, end_parent = spans["b Mid"].parent, spans["c End"].parent
+    assert mid_parent is not None and end_parent is not None
+    assert mid_parent.span_id == spans["a Start"].context.span_id
+    assert end_parent.span_id == spans["b Mid"].context.span_id
     b = spans["b Mid"].context
     assert end_headers[TRACEPARENT_HEADER] == f"00-{b.trace_id:032x}-{b.span_id:016x}-01"
-    assert spans["a Start"].attributes["jetpool.event.id"] == start.id
+    start_attributes = spans["a Start"].attributes
+    assert start_attributes is not None and start_attributes["jetpool.event.id"] == start.id
