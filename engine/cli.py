@@ -157,10 +157,11 @@ async def broker(cfg: Config) -> AsyncIterator[Config]:
     if cfg.nats.url:
         yield cfg
         return
-    server = EmbeddedServer(store_dir=Path(cfg.nats.store_dir))
-    await asyncio.to_thread(server.start)
-    log.info("embedded.started", url=server.url, pid=server.pid, store_dir=str(server.store_dir))
+    server = EmbeddedServer(store_dir=Path(cfg.nats.store_dir), die_with_parent=True)
+    server.spawn()  # on the loop's (main) thread, which lives as long as the server should
     try:
+        await asyncio.to_thread(server.wait_ready)
+        log.info("embedded.started", url=server.url, pid=server.pid, store_dir=str(server.store_dir))
         yield cfg.model_copy(update={"nats": cfg.nats.model_copy(update={"url": server.url})})
     finally:
         await asyncio.to_thread(server.stop)

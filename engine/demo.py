@@ -46,6 +46,7 @@ from engine.config import Config
 from engine.connection import connect
 from engine.errors import JetpoolError
 from engine.events import Event, now_iso
+from engine.lifeline import die_with_parent
 from engine.publisher import Publisher
 from engine.shop_cli import audit_service, timeline_table
 from engine.state import KVState, StateStore
@@ -604,8 +605,10 @@ class EngineProcess:
         command = [sys.executable, "-m", "engine", "run", "-c", self.config_path, "--nats-url", self.url,
                    "--no-provision", "--log-level", "debug" if self.log_level == "debug" else "info"]
         with open(self.log_path, "ab") as out:
+            # Tied to this (main) thread: a SIGKILLed demo leaves no engine consuming behind it. SIGHUP,
+            # which the supervisor drains on however many times it comes (once per exiting thread).
             self.proc = subprocess.Popen(command, stdout=out, stderr=out, env={**os.environ, **self.env},
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent(signal.SIGHUP))
 
     async def wait_ready(self, workers: int, timeout_s: float = 60.0) -> None:
         """Wait for ``workers`` worker.started lines of this process's log."""

@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from engine.errors import BrokerError
+from engine.lifeline import die_with_parent
 
 
 def find_nats_server() -> str:
@@ -77,6 +78,8 @@ class EmbeddedServer:
         port: client port; 0 picks a free one on first start and keeps it across restarts.
         extra_args: more nats-server flags (e.g. ``["--user", "u", "--pass", "p"]``).
         config_file: optional nats-server configuration file (``-c``).
+        die_with_parent: the server gets SIGTERM when the thread that spawned it ends, so a SIGKILLed
+            parent leaves no broker behind; spawn from the main thread (see :mod:`engine.lifeline`).
     """
 
     store_dir: Path
@@ -84,6 +87,7 @@ class EmbeddedServer:
     extra_args: list[str] = field(default_factory=list)
     config_file: Path | None = None
     log_file: Path | None = None
+    die_with_parent: bool = False
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -98,11 +102,17 @@ class EmbeddedServer:
         """Start the server and wait until it accepts TCP connections."""
         if self.process and self.process.poll() is None:
             return self
+        self.spawn()
+        self.wait_ready(ready_timeout_s)
+        return self
+
+    def spawn(self) -> None:
+        """Start the process without waiting: the thread calling this is the one it is tied to."""
         if not self.port:
             self.port = free_port()
         self.store_dir = Path(self.store_dir)
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_file or self.store_dir / "nats-server.log"
+        log_path = self.log_path
         if log_path.exists():
             # A previous run's "Server is ready" line must not make this start look ready early.
             log_path.rename(log_path.with_suffix(f".{time.time_ns()}.log"))
@@ -110,14 +120,20 @@ class EmbeddedServer:
         if self.config_file:
             args += ["-c", str(self.config_file)]
         args += self.extra_args
+        preexec = die_with_parent() if self.die_with_parent else None
         with open(log_path, "ab") as log:
             # A new session: Ctrl-C in the user's terminal must reach the supervisor, which stops us last.
-            self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
-        self._wait_ready(ready_timeout_s, log_path)
-        return self
+            self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True,
+                                            preexec_fn=preexec)
 
-    def _wait_ready(self, timeout_s: float, log_path: Path) -> None:
+    @property
+    def log_path(self) -> Path:
+        return self.log_file or self.store_dir / "nats-server.log"
+
+    def wait_ready(self, timeout_s: float = 15.0) -> None:
+        """Wait until the spawned server accepts connections with JetStream recovered; stop it if it never does."""
         deadline = time.monotonic() + timeout_s
+        log_path = self.log_path
         assert self.process is not None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -9,6 +9,9 @@ within ``restart_window_s`` is a crash loop: everything is stopped and the exit 
 SIGTERM or SIGINT sets one ``multiprocessing.Event`` that every worker watches: they stop pulling,
 drain and exit. The supervisor waits until the largest ``drain_timeout_s`` plus a margin (Kubernetes'
 terminationGracePeriodSeconds must be larger), then kills what is left. A second signal kills at once.
+SIGHUP drains too but never counts as that second signal: it is what a closed terminal sends, and
+what the kernel sends, once per exiting thread, when the process that started the engine (``jetpool
+demo``) dies (see :mod:`engine.lifeline`).
 
 Exit codes: 0 clean drain, 1 a worker had to be killed or exited with an error during shutdown,
 3 crash loop, 130 stopped by a second signal.
@@ -38,6 +41,7 @@ from engine.worker import WorkerSpec, worker_main
 log = structlog.get_logger("jetpool.supervisor")
 
 EXIT_OK, EXIT_UNCLEAN, EXIT_CRASH_LOOP, EXIT_FORCED = 0, 1, 3, 130
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _DRAIN_MARGIN_S = 5.0
 
 
@@ -124,7 +128,7 @@ class Supervisor:
         """Start every slot and wait until shutdown completes; return the exit code."""
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in _SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
         prepare_multiprocess_dir()
         probes, lag = await self._start_http()
@@ -134,7 +138,7 @@ class Supervisor:
         try:
             return await self._done
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in _SIGNALS:
                 loop.remove_signal_handler(signum)
             if lag is not None:
                 await lag.stop()
@@ -212,6 +216,11 @@ class Supervisor:
         return float(min(sup.restart_backoff_max_s, sup.restart_backoff_s * 2 ** min(slot.restarts, 16)))
 
     def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            if not self._stopping:
+                log.info("supervisor.signal", signal="SIGHUP", action="drain")
+            self.begin_shutdown()
+            return
         self._signals += 1
         if self._signals == 1:
             log.info("supervisor.signal", signal=signal.Signals(signum).name, action="drain")

@@ -55,7 +55,8 @@ class WorkerSpec:
 
 def worker_main(spec: WorkerSpec, shutdown: Any, status: Any) -> None:
     """Process entry point (top-level so that spawn can import it)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's signals reach the supervisor, which drains us
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if spec.cpu is not None:
         os.sched_setaffinity(0, {spec.cpu})
     cfg = spec.config

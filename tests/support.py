@@ -206,6 +206,16 @@ async def _with_js(url: str, work: Callable[[Any], Any]) -> Any:
         await nc.close()
 
 
+def still_running(procs: Iterable[psutil.Process]) -> list[int]:
+    """The PIDs of ``procs`` that have not exited (a zombie has); psutil matches start times, not bare PIDs."""
+    alive = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+    return alive
+
+
 def count(app: App, event_type: str) -> int:
     """How many messages the stream holds on the subject of ``event_type`` (cheap: stream info only)."""
 

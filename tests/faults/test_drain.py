@@ -6,6 +6,7 @@ to the supervisor's PID the way Kubernetes or a terminal would.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -149,3 +150,28 @@ def test_a_worker_that_cannot_drain_is_killed_at_the_deadline(
     assert time.monotonic() - started >= 1 + DRAIN_MARGIN_S - 0.5  # it did wait for the deadline
     assert [r["killing"] for r in run.records("supervisor.drain_deadline")] == [[w.pid for w in worker]]
     wait_for(lambda: not run.alive(), 10, "the whole process tree to be gone")
+
+
+def test_sighup_to_the_whole_group_drains_however_often_it_comes(make_config: Callable[..., App],
+                                                                 engine: StartEngine) -> None:
+    """A closed terminal sends SIGHUP to every process of the group; a dying `jetpool demo` has the
+    kernel send it to the supervisor once per thread. Workers ignore it, the supervisor drains on the
+    first and never takes a repeat as the second signal that kills."""
+    service = {"workers": 2, "drain_timeout_s": 60, "ack_wait_s": 60, "routes": {"Ping": f"{HANDLERS}:slow_echo"}}
+    app = make_config({"echo": service})
+    run = engine(app)
+    sent = pings(10, sleep_s=2)
+    publish(app, sent)
+    wait_for(lambda: consumer_info(app, "echo").num_ack_pending == len(sent), 60, "all 10 Pings in flight",
+             detail=run.tail)
+    tree = [run.pid, *(p.pid for p in run.workers())]
+
+    for _ in range(3):
+        os.killpg(run.pid, signal.SIGHUP)  # the engine leads its own session and process group
+        time.sleep(0.1)
+    assert run.wait_exit(60) == 0, run.tail()
+    wait_for(lambda: not run.alive(), 10, "the whole process tree to be gone",
+             detail=lambda: f"alive: {run.alive()} of {tree}")
+    assert [(r["signal"], r["action"]) for r in run.records("supervisor.signal")] == [("SIGHUP", "drain")]
+    assert sorted(r["worker"] for r in run.records("worker.stopped")) == [0, 1]
+    assert {p.id for p in read(app, "Pong")} == expected_pong_ids(sent)  # in-flight work finished, not dropped

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.support import App, Engine, count, expected_pong_ids, pings, publish, read, settled, wait_for
+from tests.support import App, Engine, count, expected_pong_ids, pings, publish, read, settled, still_running, wait_for
 
 
 def test_run_without_url_uses_an_embedded_broker(make_config: Callable[..., App], engine: Callable[..., Engine],
@@ -36,3 +36,19 @@ def test_run_without_url_uses_an_embedded_broker(make_config: Callable[..., App]
     assert run.wait_exit(60) == 0, run.tail()
     assert run.records("embedded.stopped")[0]["pid"] == broker_pid
     wait_for(lambda: not psutil.pid_exists(broker_pid), 10, "the embedded nats-server to be gone")
+
+
+def test_a_killed_supervisor_leaves_no_embedded_broker_behind(make_config: Callable[..., App],
+                                                              engine: Callable[..., Engine], tmp_path: Path) -> None:
+    """kill -9 runs no code in the supervisor: the kernel tells the broker (SIGTERM on its parent's death)
+    and the workers see their parent gone; nothing may keep running or hold the store."""
+    app = make_config(nats_options={"url": None, "store_dir": str(tmp_path / "embedded-store")})
+    run = engine(app)
+    broker_pid = run.records("embedded.started")[0]["pid"]
+    tree = run.descendants()
+    assert broker_pid in {p.pid for p in tree}
+
+    run.send(signal.SIGKILL)
+    run.wait_exit(10)
+    wait_for(lambda: not still_running(tree), 30, "the broker and the workers to exit",
+             detail=lambda: f"still running: {still_running(tree)}")

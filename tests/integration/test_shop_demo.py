@@ -28,12 +28,13 @@ from engine.config import load_config
 from engine.demo import Outcome, Plan, ShopLoad
 from engine.embedded import EmbeddedServer
 from engine.events import Event
+from engine.logs import json_records
 from engine.state import MemoryState
 from handlers import inventory
 from handlers.audit_store import AuditRecord, SqliteAuditStore
 from handlers.gateway import Result, SqliteLedger
 from tests.shop_support import write_shop_config
-from tests.support import REPO_ROOT, App, engine_env, wait_for
+from tests.support import REPO_ROOT, App, engine_env, still_running, wait_for
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
@@ -110,7 +111,12 @@ def test_the_demo_exits_1_when_its_orders_cannot_end(nats_server: EmbeddedServer
     assert text.endswith("invariants violated")
 
 
-def test_ctrl_c_stops_the_demo_and_every_process_it_started(nats_server: EmbeddedServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_ctrl_c_or_kill_9_stops_the_demo_and_every_process_it_started(sig: signal.Signals,
+                                                                       nats_server: EmbeddedServer,
+                                                                       tmp_path: Path) -> None:
+    """Ctrl-C: the demo kills its engine. kill -9 runs no code in the demo: its engine is told by the
+    kernel (SIGHUP on the parent's death), drains and exits with its workers."""
     app = write_shop_config(tmp_path, nats_server.url)
     log = tmp_path / "engine.log"
     demo = _demo(app.path, nats_server.url, "--orders", "100000", "--rate", "200", "--log-file", str(log))
@@ -124,10 +130,16 @@ def test_ctrl_c_stops_the_demo_and_every_process_it_started(nats_server: Embedde
         wait_for(engine_running, 90, "the demo's engine to start its five workers")
         time.sleep(1.0)  # orders are flowing
         engine_running()
-        os.kill(demo.pid, signal.SIGINT)
+        os.kill(demo.pid, sig)
         demo.wait(timeout=60)
-        alive = [p.pid for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert alive == [], f"left running: {alive}"
+
+        wait_for(lambda: not still_running(seen.values()), 5 if sig == signal.SIGINT else 60,
+                 "every process the demo started to exit", detail=lambda: f"{still_running(seen.values())}")
+        if sig == signal.SIGKILL:  # the engine was told (SIGHUP, once per demo thread), drained, and exited 0
+            records = list(json_records(log.read_text(errors="replace")))
+            assert [(r["signal"], r["action"]) for r in records if r.get("event") == "supervisor.signal"] == [
+                ("SIGHUP", "drain")]
+            assert [r["exit_code"] for r in records if r.get("event") == "supervisor.stopped"] == [0]
         assert len(seen) >= 6  # the supervisor and its five workers were watched
     finally:
         stop(demo)
