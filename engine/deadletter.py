@@ -11,7 +11,8 @@ Two paths write entries:
 - the consumer, when :mod:`engine.outcome` decides to dead-letter (bad input at once, or failures
   on the last attempt);
 - the ``MAX_DELIVERIES`` advisory, for messages the server gave up on without any handler verdict
-  (the worker was killed on every attempt): the original is fetched by sequence and dead-lettered.
+  (the worker was killed on every attempt): the original is fetched by sequence and dead-lettered
+  (:mod:`engine.advisories` keeps those advisories in a stream until this is done).
 
 First-failure times are kept in a small KV bucket keyed by stream sequence, so they survive the
 worker that saw the first failure.
@@ -41,7 +42,6 @@ log = structlog.get_logger("jetpool.dlq")
 
 H = "Jetpool-Dlq-"
 FAILURES_BUCKET = "jetpool_failures"
-ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
 
 def now_iso() -> str:
@@ -161,21 +161,6 @@ class FailuresBucket:
 def failures_bucket(config: Config) -> FailuresBucket:
     """As many replicas as the dead-letter stream, so a cluster keeps it through a node's loss."""
     return FailuresBucket(replicas=config.dead_letter.replicas)
-
-
-async def watch_advisories(nc: Any, config: Config, service: str, dead_letters: DeadLetters) -> Any:
-    """Subscribe (in a queue group, so one worker handles each) to the service's MAX_DELIVERIES advisories."""
-    svc = config.services[service]
-    subject = f"{ADVISORY}.{svc.stream}.{config.durable(service)}"
-    js = nc.jetstream()
-
-    async def on_advisory(msg: Any) -> None:
-        try:
-            await dead_letters.from_advisory(js, orjson.loads(msg.data), service)
-        except Exception as exc:  # an advisory we cannot process must not kill the subscription
-            log.error("dlq.advisory_failed", service=service, error=repr(exc))
-
-    return await nc.subscribe(subject, queue=f"jetpool-dlq-{service}", cb=on_advisory)
 
 
 # ---- reading and replaying (``jetpool dlq``) --------------------------------------------------------

@@ -14,6 +14,7 @@ import structlog
 from nats.js import api
 from nats.js.errors import NotFoundError
 
+from engine import advisories
 from engine.config import Config, StreamConfig
 from engine.deadletter import FAILURES_BUCKET, dlq_stream_config, failures_bucket
 from engine.errors import BrokerError
@@ -59,7 +60,12 @@ async def provision(js: Any, config: Config, services: Iterable[str] | None = No
     await _ensure(js, dlq_stream_config(config))
     await open_buckets(js, {FAILURES_BUCKET: failures_bucket(config)}, create=True)
     await open_buckets(js, config.state, create=True)
-    for service in services if services is not None else config.services:
+    wanted = list(services if services is not None else config.services)
+    try:
+        await advisories.provision(js, config, wanted)
+    except Exception as exc:
+        raise BrokerError(f"cannot provision the advisory stream {advisories.stream_name(config)!r}: {exc}") from exc
+    for service in wanted:
         svc = config.services[service]
         try:
             await js.add_consumer(svc.stream, consumer_config(config, service))

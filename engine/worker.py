@@ -22,11 +22,12 @@ from typing import Any
 import structlog
 import uvloop
 
+from engine.advisories import AdvisoryWatcher
 from engine.breaker import build_breakers
 from engine.config import Config
 from engine.connection import connect
 from engine.consumer import Consumer
-from engine.deadletter import DeadLetters, watch_advisories
+from engine.deadletter import DeadLetters
 from engine.dispatch import build_router
 from engine.logs import configure_logging
 from engine.publisher import Publisher
@@ -104,7 +105,8 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     await publisher.start()
     resources = await open_resources(nc, cfg, service)
     dead_letters = await DeadLetters.open(cfg, publisher, nc.jetstream())
-    await watch_advisories(nc, cfg, service, dead_letters)
+    advisories = AdvisoryWatcher(nc, cfg, service, dead_letters)
+    await advisories.start()
     consumer = Consumer(nc, cfg, service, router, publisher, worker=spec.index, resources=resources,
                         dead_letters=dead_letters)
     # Everything allocated so far (modules, config, connection) lives as long as the process: moved out of
@@ -120,6 +122,7 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
         return 1
     log.info("worker.draining", in_flight=consumer.in_flight)
     await consumer.stop(cfg.services[service].drain_timeout_s)
+    await advisories.stop()
     await publisher.stop()
     shutdown_tracing()
     with contextlib.suppress(Exception):

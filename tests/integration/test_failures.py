@@ -7,6 +7,7 @@ dead-letter entries (read back from the DLQ stream) and outputs (Pongs by id).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -313,6 +314,63 @@ def test_worker_killed_on_every_attempt_is_caught_by_the_max_deliveries_advisory
     good = pings(5)
     publish(app, good)
     wait_for(lambda: count(app, "Pong") >= 5, 60, "traffic after the crashes", detail=run.tail)
+
+
+async def _deliver_without_ack(app: App, times: int, ack_wait_s: float) -> int:
+    """Be the service's workers dying on every attempt: take each delivery and never answer it.
+
+    One more pull after the last attempt expired makes the server give up on the message and publish
+    its MAX_DELIVERIES advisory while no jetpool worker is running. Returns the advisories stored.
+    """
+    nc = await nats.connect(app.url)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe_bind(durable=app.durable("echo"), stream=app.stream)
+        for _ in range(times):
+            assert len(await sub.fetch(1, timeout=10)) == 1
+            await asyncio.sleep(ack_wait_s + 0.5)
+        with contextlib.suppress(nats.errors.TimeoutError):
+            assert await sub.fetch(1, timeout=2) == [], "redelivered beyond max_deliver"
+        advisories = f"{app.raw['dead_letter']['stream']}_ADVISORIES"
+        for _ in range(50):
+            stored = (await js.stream_info(advisories)).state.messages
+            if stored:
+                return int(stored)
+            await asyncio.sleep(0.1)
+        return 0
+    finally:
+        await nc.close()
+
+
+def test_an_advisory_fired_while_no_worker_runs_is_dead_lettered_when_one_starts(
+        make_config: Callable[..., App], engine: StartEngine) -> None:
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}, "max_deliver": 2,
+                                         "ack_wait_s": 1}}))
+    provisioned = run_cli(["provision", "-c", str(app.path)], env={"JETPOOL_NATS_URL": app.url})
+    assert provisioned.returncode == 0, provisioned.stderr
+    lost = pings(1)[0]
+    publish(app, [lost])
+    assert asyncio.run(_deliver_without_ack(app, times=2, ack_wait_s=1)) == 1
+
+    run = engine(app, args=["--no-provision"])
+    wait_for(lambda: len(dlq(app)) == 1, 30, "the stored advisory's DLQ entry", detail=run.tail)
+    entry = dlq(app)[0]
+    assert entry.error_type == "MaxDeliveriesExceeded"
+    assert entry.attempts == 2 and entry.body == lost.encode()
+    advisories = f"{app.raw['dead_letter']['stream']}_ADVISORIES"
+    wait_for(lambda: _messages(app, advisories) == 0, 30, "the handled advisory to leave its work queue",
+             detail=run.tail)
+
+
+def _messages(app: App, stream: str) -> int:
+    async def work() -> int:
+        nc = await nats.connect(app.url)
+        try:
+            return int((await nc.jetstream().stream_info(stream)).state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(work())
 
 
 def test_dlq_cli_lists_shows_replays_and_purges(make_config: Callable[..., App], engine: StartEngine,

@@ -1,0 +1,91 @@
+"""The advisory stream's shape, and how one advisory message is settled."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from nats.js import api
+
+from engine import advisories
+from engine.advisories import AdvisoryWatcher
+from engine.config import Config, load_config
+
+SHOP = Path(__file__).resolve().parents[2] / "config" / "shop.yaml"
+
+
+@pytest.fixture(scope="module")
+def shop() -> Config:
+    return load_config(SHOP, env={})
+
+
+class Msg:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.settled: list[tuple[str, float | None]] = []
+
+    async def ack(self) -> None:
+        self.settled.append(("ack", None))
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.settled.append(("nak", delay))
+
+    async def term(self) -> None:
+        self.settled.append(("term", None))
+
+
+class DeadLetters:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.stored: list[tuple[dict[str, Any], str]] = []
+
+    async def from_advisory(self, js: Any, advisory: dict[str, Any], service: str) -> None:
+        if self.fail:
+            raise TimeoutError("no PubAck from the dead-letter stream")
+        self.stored.append((advisory, service))
+
+
+class Connection:
+    def jetstream(self) -> object:
+        return object()
+
+
+def settle(shop: Config, data: bytes, dead_letters: DeadLetters) -> Msg:
+    msg = Msg(data)
+    watcher = AdvisoryWatcher(Connection(), shop, "payments", dead_letters)  # type: ignore[arg-type]
+    asyncio.run(watcher._settle(msg))
+    return msg
+
+
+def test_every_service_consumer_has_its_subject_in_one_work_queue_stream(shop: Config) -> None:
+    config = advisories.stream_config(shop)
+    assert config.name == "DLQ_ADVISORIES"
+    assert config.retention == api.RetentionPolicy.WORK_QUEUE
+    assert config.subjects == sorted(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.SHOP.{s}" for s in shop.services)
+    consumer = advisories.consumer_config(shop, "payments")
+    assert consumer.durable_name == "payments_advisories"
+    assert consumer.filter_subject == "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.SHOP.payments"
+    assert consumer.max_deliver == -1  # an entry that cannot be stored yet is tried again, never given up on
+
+
+def test_an_advisory_is_acked_once_its_entry_is_stored(shop: Config) -> None:
+    dead_letters = DeadLetters()
+    advisory = {"stream": "SHOP", "consumer": "payments", "stream_seq": 7, "deliveries": 5}
+    msg = settle(shop, orjson.dumps(advisory), dead_letters)
+    assert dead_letters.stored == [(advisory, "payments")]
+    assert msg.settled == [("ack", None)]
+
+
+def test_an_advisory_whose_entry_could_not_be_stored_is_nakked_for_later(shop: Config) -> None:
+    msg = settle(shop, orjson.dumps({"stream": "SHOP", "stream_seq": 7}), DeadLetters(fail=True))
+    assert msg.settled == [("nak", 5.0)]
+
+
+def test_an_unreadable_advisory_is_termed_not_retried_forever(shop: Config) -> None:
+    dead_letters = DeadLetters()
+    msg = settle(shop, b"not json", dead_letters)
+    assert dead_letters.stored == []
+    assert msg.settled == [("term", None)]
