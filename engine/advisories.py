@@ -47,7 +47,8 @@ def subject(config: Config, service: str) -> str:
 
 
 def durable(config: Config, service: str) -> str:
-    return f"{config.durable(service)}_advisories"
+    """Named after the stream and durable it watches: unique among deployments sharing the stream."""
+    return f"{config.services[service].stream}_{config.durable(service)}"
 
 
 def stream_config(config: Config) -> api.StreamConfig:
@@ -69,14 +70,19 @@ def consumer_config(config: Config, service: str) -> api.ConsumerConfig:
 
 
 async def provision(js: Any, config: Config, services: list[str]) -> None:
-    """Create or update the advisory stream and the consumers of ``services``."""
+    """Create or update the advisory stream and the consumers of ``services``.
+
+    An update adds subjects and never drops one: two deployments sharing a dead-letter stream (two
+    configs on one broker) must not take each other's advisories away.
+    """
     wanted = stream_config(config)
     try:
-        await js.stream_info(wanted.name)
+        info = await js.stream_info(wanted.name)
     except NotFoundError:
         await js.add_stream(wanted)
         log.info("stream.created", stream=wanted.name, subjects=wanted.subjects)
     else:
+        wanted.subjects = sorted({*(info.config.subjects or []), *(wanted.subjects or [])})
         await js.update_stream(wanted)
     for service in services:
         await js.add_consumer(wanted.name, consumer_config(config, service))

@@ -290,9 +290,11 @@ def consumer_info(app: App, service: str) -> Any:
     return asyncio.run(_with_js(app.url, work))
 
 
-def stream_info(app: App) -> Any:
+def stream_info(app: App, stream: str | None = None) -> Any:
+    """The ``StreamInfo`` of the app's stream, or of ``stream`` on the app's server."""
+
     async def work(js: Any) -> Any:
-        return await js.stream_info(app.stream)
+        return await js.stream_info(stream or app.stream)
 
     return asyncio.run(_with_js(app.url, work))
 

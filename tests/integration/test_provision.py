@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from typing import Any
 
+import nats
 from nats.js import api
 
 from tests.support import App, consumer_info, count, pings, publish, run_cli, stream_info
@@ -60,3 +63,25 @@ def test_provision_takes_the_url_from_the_command_line(make_config: Callable[...
     assert result.returncode == 0, result.stderr
     assert consumer_info(App(app.path, real_url, app.stream, app.prefix, app.raw), "echo").config.durable_name == "echo"
 
+
+
+def test_two_deployments_sharing_a_dead_letter_stream_keep_each_others_advisories(
+        make_config: Callable[..., App]) -> None:
+    first, second = make_config(), make_config()  # own streams, the default dead-letter stream DLQ
+    provision(first)
+    provision(second)
+    provision(second)  # re-provisioning one deployment must not drop the other's subject either
+    advisory = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+    subjects = set(stream_info(first, "DLQ_ADVISORIES").config.subjects)
+    assert {f"{advisory}.{first.stream}.echo", f"{advisory}.{second.stream}.echo"} <= subjects
+    for app in (first, second):  # both services are named echo: their advisory consumers must differ
+        info = asyncio.run(_advisory_consumer(app))
+        assert info.config.filter_subject == f"{advisory}.{app.stream}.echo"
+
+
+async def _advisory_consumer(app: App) -> Any:
+    nc = await nats.connect(app.url)
+    try:
+        return await nc.jetstream().consumer_info("DLQ_ADVISORIES", f"{app.stream}_echo")
+    finally:
+        await nc.close()

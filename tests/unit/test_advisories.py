@@ -66,7 +66,7 @@ def test_every_service_consumer_has_its_subject_in_one_work_queue_stream(shop: C
     assert config.retention == api.RetentionPolicy.WORK_QUEUE
     assert config.subjects == sorted(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.SHOP.{s}" for s in shop.services)
     consumer = advisories.consumer_config(shop, "payments")
-    assert consumer.durable_name == "payments_advisories"
+    assert consumer.durable_name == "SHOP_payments"
     assert consumer.filter_subject == "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.SHOP.payments"
     assert consumer.max_deliver == -1  # an entry that cannot be stored yet is tried again, never given up on
 

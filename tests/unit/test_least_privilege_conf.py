@@ -56,10 +56,10 @@ def test_a_service_uses_only_its_own_consumer_buckets_and_inbox(service: str, sh
     advisories = f"{shop.dead_letter.stream}_ADVISORIES"
     assert {s for s in publish if s.startswith("$JS.API.CONSUMER.")} == {
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
-        f"$JS.API.CONSUMER.MSG.NEXT.{advisories}.{durable}_advisories",
-        f"$JS.API.CONSUMER.INFO.{advisories}.{durable}_advisories"}
+        f"$JS.API.CONSUMER.MSG.NEXT.{advisories}.{stream}_{durable}",
+        f"$JS.API.CONSUMER.INFO.{advisories}.{stream}_{durable}"}
     assert {s for s in publish if s.startswith("$JS.ACK.")} == {
-        f"$JS.ACK.{stream}.{durable}.>", f"$JS.ACK.{advisories}.{durable}_advisories.>"}
+        f"$JS.ACK.{stream}.{durable}.>", f"$JS.ACK.{advisories}.{stream}_{durable}.>"}
     buckets = {s.split(".")[1] for s in publish if s.startswith("$KV.")}
     assert buckets == {*shop.services[service].state, "jetpool_failures"}
     assert f"$KV.jetpool_failures.{service}.>" in publish
