@@ -74,6 +74,17 @@ class RetryPolicy:
         return random.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
 
 
+def redelivery_horizon_s(max_deliver: int, ack_wait_s: float, handler_timeout_s: float, policy: RetryPolicy) -> float:
+    """The longest time from an event's first delivery to its last, with no handler raising ``Retry``.
+
+    Each attempt ends either unanswered (the worker died: redelivered after ``ack_wait_s``) or nakked
+    (at most ``handler_timeout_s``, then the nominal backoff delay). Outputs re-published on the last
+    attempt are dropped as duplicates only if the stream's duplicate window still covers the first.
+    """
+    nominal = RetryPolicy(policy.base_s, policy.max_s, policy.delays_s, jitter=False)
+    return sum(max(ack_wait_s, handler_timeout_s + nominal.delay_s(attempt)) for attempt in range(1, max_deliver))
+
+
 def decide(exc: BaseException | None, attempt: int, max_deliver: int, policy: RetryPolicy) -> Outcome:
     """Map the result of processing one delivery to ack, nak(delay) or term(+dead letter).
 

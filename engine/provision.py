@@ -18,6 +18,7 @@ from engine import advisories
 from engine.config import Config, StreamConfig
 from engine.deadletter import FAILURES_BUCKET, dlq_stream_config, failures_bucket
 from engine.errors import BrokerError
+from engine.outcome import RetryPolicy, redelivery_horizon_s
 from engine.state import open_buckets
 
 log = structlog.get_logger("jetpool.provision")
@@ -53,8 +54,28 @@ def consumer_config(config: Config, service: str) -> api.ConsumerConfig:
     )
 
 
+def short_duplicate_windows(config: Config) -> list[dict[str, Any]]:
+    """Streams whose ``duplicate_window_s`` ends before a service's last redelivery could.
+
+    Outputs go to whichever configured stream captures their type, so every stream is held to every
+    service's horizon. A warning, not an error: only a redelivery that late (every attempt used,
+    each to its limit) would store an output twice.
+    """
+    short = []
+    for name, svc in config.services.items():
+        policy = RetryPolicy(svc.retry.base_s, svc.retry.max_s, tuple(svc.retry.delays_s or ()))
+        horizon = redelivery_horizon_s(svc.max_deliver, svc.ack_wait_s, svc.handler_timeout_s, policy)
+        short += [{"stream": stream.name, "duplicate_window_s": stream.duplicate_window_s, "service": name,
+                   "redelivery_horizon_s": round(horizon, 1)}
+                  for stream in config.streams if stream.duplicate_window_s < horizon]
+    return short
+
+
 async def provision(js: Any, config: Config, services: Iterable[str] | None = None) -> None:
     """Ensure every stream and the consumers of ``services`` (default: all) exist as configured."""
+    for short in short_duplicate_windows(config):
+        log.warning("stream.duplicate_window_short", **short,
+                    hint="a redelivery after the window stores its outputs again; raise duplicate_window_s")
     for stream in config.streams:
         await ensure_stream(js, stream)
     await _ensure(js, dlq_stream_config(config))

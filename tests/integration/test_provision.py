@@ -9,6 +9,7 @@ from typing import Any
 import nats
 from nats.js import api
 
+from engine.logs import json_records
 from tests.support import App, consumer_info, count, pings, publish, run_cli, stream_info
 
 
@@ -85,3 +86,16 @@ async def _advisory_consumer(app: App) -> Any:
         return await nc.jetstream().consumer_info("DLQ_ADVISORIES", f"{app.stream}_echo")
     finally:
         await nc.close()
+
+
+def test_provision_warns_of_a_duplicate_window_shorter_than_the_redelivery_horizon(
+        make_config: Callable[..., App]) -> None:
+    app = make_config({"echo": {"max_deliver": 3, "ack_wait_s": 20}}, stream={"duplicate_window_s": 30})
+    result = run_cli(["provision", "-c", str(app.path)])
+    assert result.returncode == 0, result.stderr  # a warning: the stream is still provisioned as configured
+    (warning,) = [r for r in json_records(result.stdout + result.stderr)
+                  if r.get("event") == "stream.duplicate_window_short"]
+    # Two redeliveries, each after max(ack_wait_s 20, handler_timeout_s 10 + backoff <= 1 s).
+    assert (warning["stream"], warning["service"], warning["duplicate_window_s"], warning["redelivery_horizon_s"]) == (
+        app.stream, "echo", 30.0, 40.0)
+    assert stream_info(app).config.duplicate_window == 30

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import HandlerTimeout, MalformedEvent, NoRoute, PublishTimeout, Reject, Retry
-from engine.outcome import Action, RetryPolicy, decide, describe
+from engine.outcome import Action, RetryPolicy, decide, describe, redelivery_horizon_s
 
 POLICY = RetryPolicy(base_s=0.5, max_s=30.0, jitter=False)
 
@@ -65,3 +65,13 @@ def test_backoff_is_capped_and_jitter_stays_within_half_to_full_ceiling() -> Non
 def test_describe() -> None:
     assert describe(ValueError("bad amount")) == "ValueError: bad amount"
     assert describe(KeyError()) == "KeyError"
+
+
+def test_the_redelivery_horizon_takes_the_longer_end_of_each_attempt() -> None:
+    # The defaults: every attempt's worst end is its ack wait (30 s > 10 s + backoff up to 4 s).
+    assert redelivery_horizon_s(5, 30.0, 10.0, POLICY) == 4 * 30.0
+    # Backoff outgrows the ack wait: 10 + (0.5, 1, 2, 4, 8, 16, 30, 30) against 20.
+    assert redelivery_horizon_s(9, 20.0, 10.0, POLICY) == 20 * 5 + 26 + 40 + 40
+    # Jitter only ever shortens a delay, so the horizon uses the nominal one.
+    assert redelivery_horizon_s(3, 1.0, 1.0, RetryPolicy(delays_s=(5.0,))) == 12.0
+    assert redelivery_horizon_s(1, 30.0, 10.0, POLICY) == 0.0  # one delivery: nothing is redelivered

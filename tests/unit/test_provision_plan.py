@@ -1,0 +1,28 @@
+"""What provisioning warns about before it touches the broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.config import load_config, parse_config
+from engine.provision import short_duplicate_windows
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_shipped_configs_cover_every_redelivery_with_their_duplicate_window() -> None:
+    for name in ("shop.yaml", "example.yaml"):
+        assert short_duplicate_windows(load_config(ROOT / "config" / name, env={})) == [], name
+
+
+def test_a_window_shorter_than_a_services_horizon_is_reported_with_both_figures() -> None:
+    raw: dict[str, Any] = yaml.safe_load((ROOT / "config" / "shop.yaml").read_text())
+    raw["streams"][0]["duplicate_window_s"] = 299
+    short = short_duplicate_windows(parse_config(raw))
+    # payments: 19 redeliveries of 30 s at least (700 s with backoff); the others: 9 of 30 s (300 s).
+    assert {s["service"]: s["redelivery_horizon_s"] for s in short} == {
+        "orders": 300.0, "payments": 700.0, "inventory": 300.0, "notifications": 300.0, "audit": 300.0}
+    assert all(s["stream"] == "SHOP" and s["duplicate_window_s"] == 299 for s in short)
