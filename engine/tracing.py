@@ -39,10 +39,12 @@ def exporter_from_env(env: Mapping[str, str] | None = None) -> SpanExporter | No
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
-    if wanted == "otlp" or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    traces, base = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if wanted == "otlp" or traces or base:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter()
+        # Resolved from ``env`` here: the exporter itself would read os.environ, not the mapping given.
+        return OTLPSpanExporter(endpoint=traces or (f"{base.rstrip('/')}/v1/traces" if base else None))
     return None
 
 

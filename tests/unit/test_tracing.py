@@ -114,3 +114,14 @@ def test_exporter_choice(env: dict[str, str], expected: type | None) -> None:
         assert exporter is None
     else:
         assert isinstance(exporter, expected)
+
+
+@pytest.mark.parametrize("env", [
+    {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318/"},
+    {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"},
+], ids=["base", "traces"])
+def test_the_otlp_endpoint_comes_from_the_mapping_not_the_process_environment(
+        env: dict[str, str], clean_env: pytest.MonkeyPatch) -> None:
+    exporter = tracing.exporter_from_env(env)
+    assert isinstance(exporter, OTLPSpanExporter)
+    assert exporter._endpoint == "http://127.0.0.1:4318/v1/traces"
