@@ -84,8 +84,11 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
         for consumer in consumers:
             consumer.on_reconnect()
 
+    closing = asyncio.Event()  # set before the worker's own drain closes the connection
+
     async def disconnected() -> None:
-        log.warning("nats.disconnected")
+        if not closing.is_set():  # else it is our own close, not news
+            log.warning("nats.disconnected")
 
     lost = asyncio.Event()
 
@@ -127,6 +130,7 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     shutdown_tracing()
     with contextlib.suppress(Exception):
         await nc.flush(timeout=5)  # the last acks and outputs on the wire
+    closing.set()
     try:
         await nc.drain()  # unsubscribe everything, finish what was received, flush, close
     except Exception as exc:

@@ -62,6 +62,7 @@ def test_sigterm_under_load_drains_exits_0_and_a_restart_finishes_the_work(
     assert sorted(r["worker"] for r in drained) == [0, 1]
     assert sorted(r["worker"] for r in first.records("worker.stopped")) == [0, 1]
     assert first.records("supervisor.stopped")[-1]["exit_code"] == 0
+    assert first.records("nats.disconnected") == []  # a worker's own close is not reported as a disconnect
 
     second = engine(app)
     wait_for(lambda: count(app, "Pong") >= total, 180, f"{total} Pongs", detail=second.tail)
