@@ -362,6 +362,32 @@ def test_an_advisory_fired_while_no_worker_runs_is_dead_lettered_when_one_starts
              detail=run.tail)
 
 
+def test_without_its_advisory_consumer_a_worker_says_so_and_still_catches_advisories_live(
+        make_config: Callable[..., App], engine: StartEngine) -> None:
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}, "max_deliver": 2,
+                                         "ack_wait_s": 1.5}}),
+                   supervisor={"restart_backoff_s": 0.1, "restart_backoff_max_s": 0.5, "max_restarts": 20})
+    provisioned = run_cli(["provision", "-c", str(app.path)], env={"JETPOOL_NATS_URL": app.url})
+    assert provisioned.returncode == 0, provisioned.stderr
+    advisories = f"{app.raw['dead_letter']['stream']}_ADVISORIES"
+    asyncio.run(_delete_consumer(app, advisories, f"{app.stream}_echo"))
+
+    run = engine(app, args=["--no-provision"])
+    assert [r["consumer"] for r in run.records("dlq.advisories_not_provisioned")] == [f"{app.stream}_echo"]
+    killer = pings(1, kill=True)[0]
+    publish(app, [killer])
+    wait_for(lambda: len(dlq(app)) == 1, 60, "the live advisory's DLQ entry", detail=run.tail)
+    assert dlq(app)[0].error_type == "MaxDeliveriesExceeded"
+
+
+async def _delete_consumer(app: App, stream: str, consumer: str) -> None:
+    nc = await nats.connect(app.url)
+    try:
+        await nc.jetstream().delete_consumer(stream, consumer)
+    finally:
+        await nc.close()
+
+
 def _messages(app: App, stream: str) -> int:
     async def work() -> int:
         nc = await nats.connect(app.url)
