@@ -29,11 +29,23 @@ from engine.supervisor import Supervisor, check_cpus
 log = structlog.get_logger("jetpool.cli")
 
 
+_RUN_EPILOG = """signals:
+  SIGTERM, SIGINT  drain: stop pulling, finish in-flight work (drain_timeout_s), release the rest
+  a second one     stop at once (exit 130)
+  SIGHUP           drain, like a first SIGTERM, however often it comes
+
+exit codes:
+  0 clean drain, 1 a worker had to be killed or failed during shutdown, 2 bad input
+  (config, routes, connection, CPUs), 3 crash loop, 130 stopped by a second signal"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jetpool", description="Multiprocess worker engine for NATS JetStream.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the services' workers until SIGTERM/SIGINT")
+    run = sub.add_parser("run", help="run the services' workers until SIGTERM/SIGINT",
+                         description="Provision, then run each service's workers until told to stop.",
+                         epilog=_RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(run)
     run.add_argument("--service", action="append", default=[], metavar="NAME",
                      help="run only this service (repeatable); default: all services")

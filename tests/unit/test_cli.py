@@ -28,6 +28,9 @@ def test_jetpool_run_help_lists_its_options() -> None:
     assert result.stdout.startswith("usage: jetpool run ")
     for option in ("--config", "--service", "--nats-url", "--no-provision", "--log-level"):
         assert option in result.stdout
+    signals, _, codes = result.stdout.partition("signals:")[2].partition("exit codes:")
+    assert "SIGTERM, SIGINT  drain" in signals and "SIGHUP" in signals  # what stopping it does
+    assert "3 crash loop, 130 stopped by a second signal" in " ".join(codes.split())
 
 
 def test_python_dash_m_engine_is_the_same_command() -> None:
