@@ -101,7 +101,11 @@ class AdvisoryWatcher:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Bind to the service's advisory consumer; without one (never provisioned), listen live only."""
+        """Bind to the service's advisory consumer; without one (never provisioned), listen live only.
+
+        Any other failure to look it up (a cluster electing the consumer's leader answers with a
+        timeout or a 503) must not stop the worker from starting: the fetch loop keeps trying.
+        """
         name, consumer = stream_name(self._config), durable(self._config, self._service)
         try:
             await self._js.consumer_info(name, consumer)
@@ -110,6 +114,8 @@ class AdvisoryWatcher:
             self._sub = await self._nc.subscribe(subject(self._config, self._service),
                                                  queue=f"jetpool-dlq-{self._service}", cb=self._on_live)
             return
+        except Exception as exc:
+            log.warning("dlq.advisories_unavailable", stream=name, consumer=consumer, error=repr(exc))
         self._sub = await self._js.pull_subscribe_bind(durable=consumer, stream=name)
         self._task = asyncio.create_task(self._run(), name=f"advisories-{self._service}")
 

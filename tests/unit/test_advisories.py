@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import orjson
 import pytest
 from nats.js import api
@@ -89,3 +90,41 @@ def test_an_unreadable_advisory_is_termed_not_retried_forever(shop: Config) -> N
     msg = settle(shop, b"not json", dead_letters)
     assert dead_letters.stored == []
     assert msg.settled == [("term", None)]
+
+
+class Electing:
+    """A JetStream context while the cluster elects the consumer's leader: lookups time out, pulls too."""
+
+    def __init__(self) -> None:
+        self.fetches = 0
+
+    async def consumer_info(self, stream: str, consumer: str) -> None:
+        raise nats.errors.TimeoutError
+
+    async def pull_subscribe_bind(self, durable: str, stream: str) -> Electing:
+        return self
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        self.fetches += 1
+        await asyncio.sleep(0)
+        raise nats.errors.TimeoutError
+
+    async def unsubscribe(self) -> None:
+        pass
+
+
+def test_a_consumer_lookup_that_times_out_does_not_stop_the_worker_and_fetching_goes_on(shop: Config) -> None:
+    js = Electing()
+
+    class Cluster:
+        def jetstream(self) -> Electing:
+            return js
+
+    async def run() -> None:
+        watcher = AdvisoryWatcher(Cluster(), shop, "payments", DeadLetters())  # type: ignore[arg-type]
+        await watcher.start()  # raised TimeoutError before: the worker crashed while starting
+        while js.fetches < 3:
+            await asyncio.sleep(0)
+        await watcher.stop()
+
+    asyncio.run(asyncio.wait_for(run(), 5))
