@@ -21,6 +21,8 @@ worker that saw the first failure.
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +44,7 @@ log = structlog.get_logger("jetpool.dlq")
 
 H = "Jetpool-Dlq-"
 FAILURES_BUCKET = "jetpool_failures"
+_REOPEN_S = 30.0  # how often a worker tries again to open a first-failure bucket it could not open
 
 
 def now_iso() -> str:
@@ -68,29 +71,46 @@ def ack_location(reply: str) -> tuple[str, int]:
 class DeadLetters:
     """Writes dead-letter entries for one worker (all its services)."""
 
-    def __init__(self, config: Config, publisher: Publisher, failures: KVState | None) -> None:
+    def __init__(self, config: Config, publisher: Publisher, failures: KVState | None,
+                 reopen: Callable[[], Awaitable[KVState | None]] | None = None) -> None:
         self._config = config
         self._publisher = publisher
         self._failures = failures
+        self._reopen = reopen
+        self._reopen_at = time.monotonic() + _REOPEN_S
 
     @classmethod
     async def open(cls, config: Config, publisher: Publisher, js: Any) -> DeadLetters:
-        """Open the writer; without the first-failure bucket (never provisioned) entries lack that time."""
-        try:
-            store = (await open_buckets(js, {FAILURES_BUCKET: failures_bucket(config)}, create=False))[FAILURES_BUCKET]
-        except Exception as exc:  # optional: without it, entries only lack their first-failure time
-            log.warning("dlq.failures_bucket_unavailable", bucket=FAILURES_BUCKET, error=repr(exc),
-                        hint="run 'jetpool provision'")
-            store = None
-        return cls(config, publisher, store if isinstance(store, KVState) else None)
+        """Open the writer; without the first-failure bucket entries lack that time until it opens."""
+
+        async def bucket() -> KVState | None:
+            try:
+                stores = await open_buckets(js, {FAILURES_BUCKET: failures_bucket(config)}, create=False)
+            except Exception as exc:  # optional: without it, entries only lack their first-failure time
+                log.warning("dlq.failures_bucket_unavailable", bucket=FAILURES_BUCKET, error=repr(exc),
+                            hint=f"tried again in {_REOPEN_S:g}s; run 'jetpool provision' if it was never created")
+                return None
+            store = stores[FAILURES_BUCKET]
+            return store if isinstance(store, KVState) else None
+
+        return cls(config, publisher, await bucket(), reopen=bucket)
+
+    async def _bucket(self) -> KVState | None:
+        """The first-failure bucket. One that could not be opened (a cluster electing its leader, say)
+        is tried again, at most every ``_REOPEN_S``, rather than done without for the worker's life."""
+        if self._failures is None and self._reopen is not None and time.monotonic() >= self._reopen_at:
+            self._reopen_at = time.monotonic() + _REOPEN_S
+            self._failures = await self._reopen()
+        return self._failures
 
     async def note_failure(self, reply: str, service: str) -> None:
         """Remember when this message first failed (a no-op after the first time)."""
-        if self._failures is None:
+        failures = await self._bucket()
+        if failures is None:
             return
         stream, seq = ack_location(reply)
         with contextlib.suppress(Conflict, Exception):
-            await self._failures.create(f"{service}.{stream}.{seq}", {"first": now_iso()})
+            await failures.create(f"{service}.{stream}.{seq}", {"first": now_iso()})
 
     async def write(self, msg: Any, event: Event | None, outcome: Outcome, attempt: int, service: str) -> None:
         """The consumer's hook: store the entry (and wait for its PubAck) before the message is termed."""
@@ -141,10 +161,11 @@ class DeadLetters:
                     stream=stream, seq=seq, attempts=attempts)
 
     async def _first_failure(self, service: str, stream: str, seq: int) -> str | None:
-        if self._failures is None:
+        failures = await self._bucket()
+        if failures is None:
             return None
         with contextlib.suppress(Exception):
-            value, _ = await self._failures.get(f"{service}.{stream}.{seq}")
+            value, _ = await failures.get(f"{service}.{stream}.{seq}")
             return str(value["first"]) if value else None
         return None
 

@@ -6,6 +6,9 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from engine import deadletter
 from engine.deadletter import DeadLetters, H
 from engine.errors import MalformedEvent
 from engine.events import MSG_ID_HEADER
@@ -34,13 +37,15 @@ class Failures:
         return {"first": FIRST}, 1
 
 
+CONFIG: Any = SimpleNamespace(dead_letter=SimpleNamespace(subject_prefix="dlq"),
+                              services={"payments": SimpleNamespace(routes={"OrderPlaced": "x"})})
+
+
 def write(attempt: int, outcome: Outcome) -> tuple[Publisher, Failures]:
-    config: Any = SimpleNamespace(dead_letter=SimpleNamespace(subject_prefix="dlq"),
-                                  services={"payments": SimpleNamespace(routes={"OrderPlaced": "x"})})
     publisher, failures = Publisher(), Failures()
     msg = SimpleNamespace(reply=REPLY.format(attempt=attempt), subject="shop.OrderPlaced", data=b"\x00 not json",
                           headers={MSG_ID_HEADER: "m-1"})
-    letters = DeadLetters(config, publisher, failures)  # type: ignore[arg-type]
+    letters = DeadLetters(CONFIG, publisher, failures)  # type: ignore[arg-type]
     asyncio.run(letters.write(msg, None, outcome, attempt, "payments"))
     return publisher, failures
 
@@ -65,3 +70,30 @@ def test_a_later_attempt_takes_the_first_failure_time_from_the_bucket() -> None:
     [(_, _, headers)] = publisher.sent
     assert headers[H + "First-Failure"] == FIRST
     assert headers[H + "Attempts"] == "10"
+
+
+def test_a_bucket_that_could_not_be_opened_is_tried_again_later_not_never(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that started while the bucket's leader was being elected gets it back once it is there."""
+    failures = Failures()
+    tries: list[int] = []
+
+    async def reopen() -> Failures | None:
+        tries.append(len(tries))
+        return failures if len(tries) > 1 else None  # unavailable once more, then back
+
+    later = Outcome(Action.TERM, reason="RuntimeError: gateway exploded", dead_letter=True)
+    msg = SimpleNamespace(reply=REPLY.format(attempt=3), subject="shop.OrderPlaced", data=b"{}", headers={})
+
+    async def failing_three_times(letters: DeadLetters) -> None:
+        for _ in range(3):
+            await letters.write(msg, None, later, 3, "payments")
+
+    letters = DeadLetters(CONFIG, Publisher(), None, reopen)  # type: ignore[arg-type]
+    asyncio.run(failing_three_times(letters))
+    assert tries == [] and failures.asked == []  # within _REOPEN_S of start-up: not asked again yet
+
+    monkeypatch.setattr(deadletter, "_REOPEN_S", 0.0)
+    letters = DeadLetters(CONFIG, Publisher(), None, reopen)  # type: ignore[arg-type]
+    asyncio.run(failing_three_times(letters))
+    assert tries == [0, 1]  # still unavailable, then opened, then kept
+    assert failures.asked == ["payments.SHOP.1834"] * 2
