@@ -141,24 +141,30 @@ class AdvisoryWatcher:
             for msg in msgs:
                 await self._settle(msg)
 
-    async def _settle(self, msg: Any) -> None:
-        """Ack once the entry is stored; an unreadable advisory is termed, a failed write nakked."""
+    async def _dead_letter(self, data: bytes) -> str:
+        """Store the entry an advisory asks for: "stored", "unreadable" or "failed" (logged, never raised)."""
         try:
-            advisory = orjson.loads(msg.data)
+            advisory = orjson.loads(data)
         except orjson.JSONDecodeError:
-            log.error("dlq.advisory_unreadable", service=self._service, data=msg.data[:200])
-            await msg.term()
-            return
+            log.error("dlq.advisory_unreadable", service=self._service, data=data[:200])
+            return "unreadable"
         try:
             await self._dead_letters.from_advisory(self._js, advisory, self._service)
         except Exception as exc:
             log.error("dlq.advisory_failed", service=self._service, error=repr(exc))
+            return "failed"
+        return "stored"
+
+    async def _settle(self, msg: Any) -> None:
+        """Ack once the entry is stored; an unreadable advisory is termed, a failed write nakked."""
+        result = await self._dead_letter(msg.data)
+        if result == "stored":
+            await msg.ack()
+        elif result == "unreadable":
+            await msg.term()
+        else:
             await msg.nak(delay=_NAK_DELAY_S)
-            return
-        await msg.ack()
 
     async def _on_live(self, msg: Any) -> None:
-        try:
-            await self._dead_letters.from_advisory(self._js, orjson.loads(msg.data), self._service)
-        except Exception as exc:  # an advisory we cannot process must not kill the subscription
-            log.error("dlq.advisory_failed", service=self._service, error=repr(exc))
+        """The fallback subscription: nothing to settle, and a failure must not end the subscription."""
+        await self._dead_letter(msg.data)

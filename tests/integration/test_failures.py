@@ -19,6 +19,7 @@ from typing import Any
 import nats
 import yaml
 
+from engine import advisories
 from engine.config import load_config
 from engine.deadletter import Entry, list_entries
 from tests.integration.test_observability import get, port_of, total, with_http
@@ -34,6 +35,7 @@ from tests.support import (
     read,
     run_cli,
     settled,
+    stream_info,
     wait_for,
 )
 
@@ -316,6 +318,10 @@ def test_worker_killed_on_every_attempt_is_caught_by_the_max_deliveries_advisory
     wait_for(lambda: count(app, "Pong") >= 5, 60, "traffic after the crashes", detail=run.tail)
 
 
+def advisory_stream(app: App) -> str:
+    return advisories.stream_name(load_config(app.path, env={}))
+
+
 async def _deliver_without_ack(app: App, times: int, ack_wait_s: float) -> int:
     """Be the service's workers dying on every attempt: take each delivery and never answer it.
 
@@ -331,9 +337,8 @@ async def _deliver_without_ack(app: App, times: int, ack_wait_s: float) -> int:
             await asyncio.sleep(ack_wait_s + 0.5)
         with contextlib.suppress(nats.errors.TimeoutError):
             assert await sub.fetch(1, timeout=2) == [], "redelivered beyond max_deliver"
-        advisories = f"{app.raw['dead_letter']['stream']}_ADVISORIES"
         for _ in range(50):
-            stored = (await js.stream_info(advisories)).state.messages
+            stored = (await js.stream_info(advisory_stream(app))).state.messages
             if stored:
                 return int(stored)
             await asyncio.sleep(0.1)
@@ -357,9 +362,8 @@ def test_an_advisory_fired_while_no_worker_runs_is_dead_lettered_when_one_starts
     entry = dlq(app)[0]
     assert entry.error_type == "MaxDeliveriesExceeded"
     assert entry.attempts == 2 and entry.body == lost.encode()
-    advisories = f"{app.raw['dead_letter']['stream']}_ADVISORIES"
-    wait_for(lambda: _messages(app, advisories) == 0, 30, "the handled advisory to leave its work queue",
-             detail=run.tail)
+    wait_for(lambda: stream_info(app, advisory_stream(app)).state.messages == 0, 30,
+             "the handled advisory to leave its work queue", detail=run.tail)
 
 
 def test_without_its_advisory_consumer_a_worker_says_so_and_still_catches_advisories_live(
@@ -369,8 +373,7 @@ def test_without_its_advisory_consumer_a_worker_says_so_and_still_catches_adviso
                    supervisor={"restart_backoff_s": 0.1, "restart_backoff_max_s": 0.5, "max_restarts": 20})
     provisioned = run_cli(["provision", "-c", str(app.path)], env={"JETPOOL_NATS_URL": app.url})
     assert provisioned.returncode == 0, provisioned.stderr
-    advisories = f"{app.raw['dead_letter']['stream']}_ADVISORIES"
-    asyncio.run(_delete_consumer(app, advisories, f"{app.stream}_echo"))
+    asyncio.run(_delete_consumer(app, advisory_stream(app), f"{app.stream}_echo"))
 
     run = engine(app, args=["--no-provision"])
     assert [r["consumer"] for r in run.records("dlq.advisories_not_provisioned")] == [f"{app.stream}_echo"]
@@ -386,17 +389,6 @@ async def _delete_consumer(app: App, stream: str, consumer: str) -> None:
         await nc.jetstream().delete_consumer(stream, consumer)
     finally:
         await nc.close()
-
-
-def _messages(app: App, stream: str) -> int:
-    async def work() -> int:
-        nc = await nats.connect(app.url)
-        try:
-            return int((await nc.jetstream().stream_info(stream)).state.messages)
-        finally:
-            await nc.close()
-
-    return asyncio.run(work())
 
 
 def test_dlq_cli_lists_shows_replays_and_purges(make_config: Callable[..., App], engine: StartEngine,
