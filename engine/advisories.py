@@ -11,6 +11,11 @@ So the advisories of every configured service's consumer are captured by a small
 ``<dead_letter.stream>_ADVISORIES``, and each service reads its own through a durable pull consumer:
 an advisory is acked only after :meth:`engine.deadletter.DeadLetters.from_advisory` stored the
 dead-letter entry, and one that fired while the engine was down is handled when a worker starts.
+
+An entry that cannot be stored is tried again every ``_NAK_DELAY_S``; from the ``_LAST_RESORT_AFTER``-th
+try on, the entry is written without the original's body and headers (what happened, and where the
+original is stored), which nothing a producer sent can stop from being stored. An advisory that is
+not one (not JSON, fields missing, another stream's) is termed, never retried.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ _FETCH = 16
 _FETCH_TIMEOUT_S = 5.0
 _RETRY_S = 1.0  # after a failed fetch (reconnecting, consumer being re-created)
 _NAK_DELAY_S = 5.0  # an advisory whose entry could not be stored is tried again after this
+_LAST_RESORT_AFTER = 3  # from this delivery of an advisory on, its entry is written without the body
 _KEEP_S = 7 * 24 * 3600.0  # advisories nobody handled (a service removed from the config) age out
 
 
@@ -141,23 +147,36 @@ class AdvisoryWatcher:
             for msg in msgs:
                 await self._settle(msg)
 
-    async def _dead_letter(self, data: bytes) -> str:
+    async def _dead_letter(self, data: bytes, keep_body: bool = True) -> str:
         """Store the entry an advisory asks for: "stored", "unreadable" or "failed" (logged, never raised)."""
-        try:
-            advisory = orjson.loads(data)
-        except orjson.JSONDecodeError:
+        advisory = self._advisory(data)
+        if advisory is None:
             log.error("dlq.advisory_unreadable", service=self._service, data=data[:200])
             return "unreadable"
         try:
-            await self._dead_letters.from_advisory(self._js, advisory, self._service)
+            await self._dead_letters.from_advisory(self._js, advisory, self._service, keep_body=keep_body)
         except Exception as exc:
-            log.error("dlq.advisory_failed", service=self._service, error=repr(exc))
+            log.error("dlq.advisory_failed", service=self._service, error=repr(exc), body_kept=keep_body)
             return "failed"
         return "stored"
 
+    def _advisory(self, data: bytes) -> dict[str, Any] | None:
+        """The advisory's fields, if it is one about this service's stream."""
+        try:
+            advisory = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(advisory, dict):
+            return None
+        stream, seq = advisory.get("stream"), advisory.get("stream_seq")
+        if stream != self._config.services[self._service].stream or type(seq) is not int or seq <= 0:
+            return None
+        return advisory
+
     async def _settle(self, msg: Any) -> None:
         """Ack once the entry is stored; an unreadable advisory is termed, a failed write nakked."""
-        result = await self._dead_letter(msg.data)
+        last_resort = _delivered(msg) >= _LAST_RESORT_AFTER
+        result = await self._dead_letter(msg.data, keep_body=not last_resort)
         if result == "stored":
             await msg.ack()
         elif result == "unreadable":
@@ -168,3 +187,11 @@ class AdvisoryWatcher:
     async def _on_live(self, msg: Any) -> None:
         """The fallback subscription: nothing to settle, and a failure must not end the subscription."""
         await self._dead_letter(msg.data)
+
+
+def _delivered(msg: Any) -> int:
+    """How often this advisory has been delivered (1 on the first try)."""
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:  # not a JetStream message (the live fallback has no metadata)
+        return 1

@@ -129,7 +129,8 @@ class DeadLetterConfig(_Frozen):
     storage: Literal["file", "memory"] = "file"
     replicas: Annotated[int, Field(ge=1, le=5)] = 1
     max_age_s: NonNegFloat = 0.0
-    max_msg_size: PosInt = 8 * 1024 * 1024
+    # An entry's own headers take about 2 KiB and the original's up to 4 KiB; the body gets the rest.
+    max_msg_size: Annotated[int, Field(ge=16 * 1024)] = 8 * 1024 * 1024
 
 
 class ServiceConfig(_Frozen):

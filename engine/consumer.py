@@ -35,7 +35,7 @@ from engine.config import Config
 from engine.deadletter import DeadLetters
 from engine.dispatch import Context, Router, ack_metadata, bind_outputs
 from engine.errors import HandlerTimeout, MalformedEvent
-from engine.events import TRACEPARENT_HEADER, Event
+from engine.events import TRACEPARENT_HEADER, Event, check_subject
 from engine.metrics import RouteMetrics
 from engine.outbox import Outbox
 from engine.outcome import Action, Outcome, RetryPolicy, decide
@@ -301,7 +301,10 @@ class Consumer:
             if len(msg.data) > self._max_event_bytes:
                 raise MalformedEvent(f"payload of {len(msg.data)} bytes exceeds max_event_bytes "
                                      f"({self._max_event_bytes})")
-            event = d.event = Event.decode(msg.data)
+            event = Event.decode(msg.data)
+            if msg.subject.rpartition(".")[2] != event.type:
+                check_subject(event, msg.subject)  # raises: the body claims another type than its subject
+            d.event = event
             ctx = Context(self.service, self._worker, d.reply, msg.subject, self._resources, self._settings)
             if tracing.enabled():
                 outputs = await self._traced_dispatch(d, event, ctx)

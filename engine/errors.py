@@ -19,6 +19,11 @@ class PublishError(BrokerError):
     """A publish was not stored: the PubAck carried an error, or no stream answered."""
 
 
+class PayloadTooLarge(PublishError):
+    """A message (body and headers) over the connection's max_payload: never sent, since the server
+    answers one by closing the connection. Permanent: the same message is as large on every attempt."""
+
+
 class PublishTimeout(PublishError):
     """No PubAck arrived within the publish timeout; the publish may or may not be stored."""
 

@@ -7,9 +7,19 @@ A jetpool event is a JSON object (encoded with orjson) published on the subject
   stream's duplicate window;
 - ``traceparent`` (optional): the W3C trace context of the span that produced the event.
 
-Any producer, in any language, that publishes this shape can feed jetpool. Output events get ids
-derived from the input event's id and their position, so a redelivered input re-publishes outputs
-with the same ids, which JetStream deduplicates.
+Any producer, in any language, that publishes this shape can feed jetpool. Producers are not trusted,
+so the consumer checks each delivery at the boundary and dead-letters what fails (never retried):
+
+- the body is a JSON object with the fields below, nested at most :data:`MAX_DEPTH` deep (deeper
+  JSON parses but cannot be encoded again, so it could not be stored, audited or dead-lettered);
+- its ``type`` is the type its subject carries, the subject's last token (``shop.OrderPlaced``
+  carries ``OrderPlaced``): a producer allowed to publish one subject cannot have its event handled
+  as another type.
+
+Output events get ids derived from the input's *bytes* (which include its id) and their position:
+a redelivered input, or the same event published again under another ``Nats-Msg-Id``, re-publishes
+outputs with the same ids, which JetStream deduplicates; two different events that claim the same
+``id`` get different output ids, so neither's outputs are dropped as the other's duplicates.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import orjson
 from engine.errors import MalformedEvent
 
 SCHEMA_VERSION = 1
+MAX_DEPTH = 64  # JSON nesting accepted in a body: orjson encodes at most 254 levels; events need a few
 MSG_ID_HEADER = "Nats-Msg-Id"
 TRACEPARENT_HEADER = "traceparent"
 
@@ -81,9 +92,11 @@ def new_trace_id() -> str:
     return _trace_pool.pop()
 
 
-def derived_id(parent_id: str, position: int) -> str:
-    """The id of output ``position`` of the event ``parent_id``: same input, same output ids."""
-    return hashlib.blake2b(f"{parent_id}/{position}".encode(), digest_size=16).hexdigest()
+def derived_id(source: bytes | str, position: int) -> str:
+    """The id of output ``position`` of an input: its body as received (or, for an event built in
+    code, its id). Same input, same output ids; a different body under the same id, other ids."""
+    data = source.encode() if isinstance(source, str) else source
+    return hashlib.blake2b(b"%s/%d" % (data, position), digest_size=16).hexdigest()
 
 
 _clock: list[Any] = [0, ""]
@@ -118,6 +131,8 @@ class Event:
         correlation_id: id of the first event of the flow (e.g. the OrderPlaced).
         v: envelope schema version.
         traceparent: W3C trace context sent as a header, not part of the JSON body.
+        raw: the body this event was decoded from (empty for an event built in code); its outputs'
+            ids derive from it.
     """
 
     type: str
@@ -130,6 +145,7 @@ class Event:
     correlation_id: str | None = None
     v: int = SCHEMA_VERSION
     traceparent: str = field(default="", compare=False, repr=False)
+    raw: bytes = field(default=b"", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -164,7 +180,7 @@ class Event:
 
     def caused_by(self, parent: Event, position: int) -> Event:
         """Bind this output event to the input that produced it (ids, trace, causation)."""
-        self.id = derived_id(parent.id, position)
+        self.id = derived_id(parent.raw or parent.id, position)
         self.trace_id = parent.trace_id
         self.causation_id = parent.id
         self.correlation_id = parent.correlation_id or parent.id
@@ -179,6 +195,9 @@ class Event:
             raise MalformedEvent(f"body is not JSON: {exc}") from None
         if type(obj) is not dict:
             raise MalformedEvent(f"body must be a JSON object, got {type(obj).__name__}")
+        # Brackets bound the depth from above (a few of them in an event): only then is it measured.
+        if body.count(b"{") + body.count(b"[") > MAX_DEPTH and json_depth(obj) > MAX_DEPTH:
+            raise MalformedEvent(f"body is nested deeper than {MAX_DEPTH} levels")
         get: Callable[..., Any] = obj.get
         id_, type_, data, aggregate_id = get("id"), get("type"), get("data"), get("aggregate_id", "")
         timestamp, trace_id, v = get("timestamp", ""), get("trace_id", ""), get("v", SCHEMA_VERSION)
@@ -190,14 +209,45 @@ class Event:
                 and (correlation_id is None or type(correlation_id) is str) and type(v) is int):
             _check_fields(obj)
         if not (timestamp and trace_id):
-            return cls(type_, data, aggregate_id, id_, timestamp, trace_id, causation_id, correlation_id, v)
+            return cls(type_, data, aggregate_id, id_, timestamp, trace_id, causation_id, correlation_id, v,
+                       raw=body)
         # Every field is given: skip __init__ and __post_init__, which would only copy and check (hot path).
         event: Event = _new(cls)
         event.type, event.data, event.aggregate_id, event.id = type_, data, aggregate_id, id_
         event.timestamp, event.trace_id, event.causation_id, event.correlation_id = (
             timestamp, trace_id, causation_id, correlation_id)
-        event.v, event.traceparent = v, ""
+        event.v, event.traceparent, event.raw = v, "", body
         return event
+
+
+def carried_type(subject: str) -> str:
+    """The event type a subject carries: its last token."""
+    return subject.rpartition(".")[2]
+
+
+def check_subject(event: Event, subject: str) -> None:
+    """Raise MalformedEvent unless the event's ``type`` is the one its subject carries."""
+    if carried_type(subject) != event.type:
+        raise MalformedEvent(f"event type {event.type!r} does not match subject {subject!r}, "
+                             f"which carries {carried_type(subject)!r}")
+
+
+def json_depth(value: Any) -> int:
+    """How deep a parsed JSON value nests (a scalar is 0, ``[]`` is 1), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if type(node) is dict:
+            children: Any = node.values()
+        elif type(node) is list:
+            children = node
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children if type(child) in (dict, list))
+    return deepest
 
 
 def _check_fields(obj: dict[str, Any]) -> None:

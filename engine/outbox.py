@@ -13,7 +13,13 @@ synchronously, so the hot paths (an output, an ack) pay no coroutine for it, and
 every other case, which :meth:`Outbox.publish` then hands to ``Client.publish`` itself: not connected
 (nats-py buffers or refuses during a reconnect), draining, a payload over the server's limit, a pending
 buffer that must be flushed first, a flusher task that is gone, a header nats-py would validate or
-clean (another name, a value with a line break or surrounding blanks). The few private attributes it
+clean (another name, a value with a line break or surrounding blanks).
+
+Nothing is sent whose body and headers together exceed the server's ``max_payload``: the server
+answers such a message by closing the connection, which would end the worker and, redelivered, the
+next one. nats-py checks only the body; :meth:`Outbox.publish` raises :class:`PayloadTooLarge` instead.
+
+The few private attributes it
 uses are checked once; without them every call goes through ``Client.publish``
 (tests/integration/test_outbox.py then fails, so a nats-py upgrade that changes them is noticed).
 """
@@ -23,10 +29,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from engine.errors import PayloadTooLarge
+
 _NEEDS = ("_status", "_pending", "_pending_data_size", "_max_pending_size", "_max_payload", "_flush_queue",
           "_flusher_task", "stats")
 _CONNECTED = 1  # nats.aio.client.Client.CONNECTED
 _HEADER_LINE = "NATS/1.0\r\n"
+_HEADER_BLOCK_BYTES = len(_HEADER_LINE) + 2  # the status line and the blank line that ends the block
 # Header names written as they are; any other name goes through nats-py, which validates it.
 _PLAIN_KEYS = frozenset({"Nats-Msg-Id", "traceparent", "tracestate"})
 
@@ -34,6 +43,13 @@ _PLAIN_KEYS = frozenset({"Nats-Msg-Id", "traceparent", "tracestate"})
 def _plain(value: str) -> bool:
     """A header value nats-py would send unchanged (it strips blanks and removes line breaks)."""
     return "\r" not in value and "\n" not in value and value == value.strip()
+
+
+def header_bytes(headers: dict[str, str] | None) -> int:
+    """The size of the header block nats-py sends for ``headers`` (at most: it strips values)."""
+    if not headers:
+        return 0
+    return _HEADER_BLOCK_BYTES + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 class Outbox:
@@ -48,7 +64,7 @@ class Outbox:
     def write(self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None) -> bool:
         """Append the command to the connection's pending buffer; False (nothing done) when :meth:`publish` must."""
         nc = self._nc
-        if not self.fast or nc._status != _CONNECTED or not subject or len(payload) > nc._max_payload:
+        if not self.fast or nc._status != _CONNECTED or not subject:
             return False
         if headers:
             lines = [_HEADER_LINE]
@@ -58,8 +74,12 @@ class Outbox:
                 lines.append(f"{key}: {value}\r\n")
             lines.append("\r\n")
             hdr = "".join(lines).encode()
+            if len(hdr) + len(payload) > nc._max_payload:
+                return False
             cmd = b"".join((f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode(),
                             hdr, payload, b"\r\n"))
+        elif len(payload) > nc._max_payload:
+            return False
         else:
             cmd = b"".join((f"PUB {subject} {reply} {len(payload)}\r\n".encode(), payload, b"\r\n"))
         size = nc._pending_data_size + len(cmd)
@@ -79,6 +99,16 @@ class Outbox:
 
     async def publish(self, subject: str, payload: bytes, reply: str = "",
                       headers: dict[str, str] | None = None) -> None:
-        """:meth:`write`, or ``Client.publish`` for whatever it leaves."""
+        """:meth:`write`, or ``Client.publish`` for whatever it leaves; a message over max_payload raises."""
         if not self.write(subject, payload, reply, headers):
+            limit = self.max_payload
+            size = len(payload) + header_bytes(headers)
+            if size > limit:
+                raise PayloadTooLarge(f"message to {subject} of {size} bytes (headers included) exceeds the "
+                                      f"server's max_payload ({limit})")
             await self._nc.publish(subject, payload, reply=reply, headers=headers)
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message (body and headers) the server accepts on this connection."""
+        return int(self._nc.max_payload)

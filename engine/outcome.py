@@ -10,6 +10,7 @@ returned                                     acked (after every output's PubAck)
 raised ``Retry(delay_s)``                    nakked with that delay
 raised ``Reject(reason)``                    termed and dead-lettered at once
 body not an event / no route                 termed and dead-lettered at once
+an output over the server's max_payload      termed and dead-lettered at once
 raised anything else, or timed out           nakked with exponential backoff + jitter;
                                              dead-lettered and termed on the last attempt
 ===========================================  ==============================================
@@ -24,7 +25,7 @@ import enum
 import random
 from dataclasses import dataclass
 
-from engine.errors import MalformedEvent, NoRoute, Reject, Retry
+from engine.errors import MalformedEvent, NoRoute, PayloadTooLarge, Reject, Retry
 
 
 class Action(enum.Enum):
@@ -100,7 +101,7 @@ def decide(exc: BaseException | None, attempt: int, max_deliver: int, policy: Re
         if attempt >= max_deliver:
             return Outcome(Action.TERM, reason=f"retries exhausted: {exc.reason}", dead_letter=True)
         return Outcome(Action.NAK, delay_s=exc.delay_s, reason=exc.reason)
-    if isinstance(exc, Reject | MalformedEvent | NoRoute):
+    if isinstance(exc, Reject | MalformedEvent | NoRoute | PayloadTooLarge):
         return Outcome(Action.TERM, reason=describe(exc), dead_letter=True)
     if attempt >= max_deliver:
         return Outcome(Action.TERM, reason=describe(exc), dead_letter=True)

@@ -16,7 +16,7 @@ from nats.js.errors import NotFoundError
 
 from engine import advisories
 from engine.config import Config, StreamConfig
-from engine.deadletter import FAILURES_BUCKET, dlq_stream_config, failures_bucket
+from engine.deadletter import dlq_stream_config, failures_bucket, failures_stream_config
 from engine.errors import BrokerError
 from engine.outcome import RetryPolicy, redelivery_horizon_s
 from engine.state import open_buckets
@@ -79,7 +79,7 @@ async def provision(js: Any, config: Config, services: Iterable[str] | None = No
     for stream in config.streams:
         await ensure_stream(js, stream)
     await _ensure(js, dlq_stream_config(config))
-    await open_buckets(js, {FAILURES_BUCKET: failures_bucket(config)}, create=True)
+    await _ensure(js, failures_stream_config(failures_bucket(config)))  # created, or given its TTL and size
     await open_buckets(js, config.state, create=True)
     wanted = list(services if services is not None else config.services)
     try:

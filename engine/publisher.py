@@ -27,7 +27,7 @@ import orjson
 
 from engine import inbox
 from engine.config import subject_matches
-from engine.errors import PublishError, PublishTimeout
+from engine.errors import PayloadTooLarge, PublishError, PublishTimeout
 from engine.events import Event
 from engine.outbox import Outbox
 
@@ -116,6 +116,11 @@ class Publisher:
         """Publishes waiting for their PubAck."""
         return len(self._pending)
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message (body and headers) the connection's server accepts."""
+        return self._out.max_payload
+
     def subject_for(self, event_type: str) -> str:
         return self._prefix + event_type
 
@@ -151,6 +156,9 @@ class Publisher:
             return
         try:
             await self._out.publish(entry.subject, entry.payload, reply=reply, headers=entry.headers)
+        except PayloadTooLarge:
+            del self._pending[reply]
+            raise
         except Exception as exc:
             del self._pending[reply]
             raise PublishError(f"publish to {entry.subject} failed: {exc!r}") from exc

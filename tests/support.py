@@ -135,8 +135,8 @@ def pings(count: int, **data: Any) -> list[Event]:
 
 
 def expected_pong_ids(events: Iterable[Event]) -> set[str]:
-    """The Pong ids the echo handler must produce: output 0 of each Ping."""
-    return {derived_id(e.id, 0) for e in events}
+    """The Pong ids the echo handler must produce: output 0 of each Ping (as published, encoded)."""
+    return {derived_id(e.encode(), 0) for e in events}
 
 
 # ---- a NATS test client ----------------------------------------------------------------------------

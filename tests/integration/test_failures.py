@@ -120,7 +120,8 @@ def test_bad_input_is_dead_lettered_on_first_delivery_and_traffic_flows(make_con
     assert reasons[1] == "MalformedEvent: body must be a JSON object, got list"
     assert reasons[2] == "MalformedEvent: field 'data' is missing"
     assert reasons[3] == "MalformedEvent: field 'data' must be an object, got str"
-    assert reasons[4] == "NoRoute: no route for event type 'Nope' in service 'echo'"
+    assert reasons[4] == (f"MalformedEvent: event type 'Nope' does not match subject '{subject}', "
+                          "which carries 'Ping'")
     assert reasons[5].startswith("MalformedEvent: payload of ") and "exceeds max_event_bytes (2048)" in reasons[5]
     assert reasons[6] == "Reject: card number is not valid"
     assert {p.id for p in read(app, "Pong")} == expected_pong_ids(good)

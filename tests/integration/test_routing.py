@@ -51,7 +51,7 @@ def test_every_ping_yields_exactly_one_pong_bound_to_it(make_config: Callable[..
     by_id = {p.id: p for p in pongs}
     assert set(by_id) == expected_pong_ids(sent)
     for ping in sent:
-        pong = by_id[derived_id(ping.id, 0)]
+        pong = by_id[derived_id(ping.encode(), 0)]
         assert pong.causation_id == ping.id
         assert pong.correlation_id == ping.id
         assert pong.trace_id == ping.trace_id
@@ -135,7 +135,7 @@ def test_redelivered_input_republishes_outputs_that_are_deduplicated(make_config
     pongs, pangs = read(app, "Pong"), read(app, "Pang")
     assert len(pongs) == len(sent)
     assert {p.id for p in pongs} == expected_pong_ids(sent)
-    assert {p.id for p in pangs} == {derived_id(e.id, 1) for e in sent}
+    assert {p.id for p in pangs} == {derived_id(e.encode(), 1) for e in sent}
     assert all(p.data["attempt"] >= 2 for p in pangs)
     assert consumer_info(app, "echo").delivered.consumer_seq >= 2 * len(sent)
     failures = run.records("event.failed")
@@ -165,4 +165,4 @@ def test_deduplication_only_holds_within_the_duplicate_window(make_config: Calla
     wait_for(lambda: count(app, "Pong") >= 3, 60, "the Pongs of the late copy and the probes", detail=run.tail)
     wait_for(lambda: settled(app, "echo"), 60, "the consumer to settle", detail=run.tail)
     pong_ids = [p.id for p in read(app, "Pong")]
-    assert pong_ids.count(derived_id(ping[0].id, 0)) == 2
+    assert pong_ids.count(derived_id(ping[0].encode(), 0)) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nats.errors
@@ -24,8 +25,9 @@ def shop() -> Config:
 
 
 class Msg:
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, delivered: int = 1) -> None:
         self.data = data
+        self.metadata = SimpleNamespace(num_delivered=delivered)
         self.settled: list[tuple[str, float | None]] = []
 
     async def ack(self) -> None:
@@ -39,14 +41,18 @@ class Msg:
 
 
 class DeadLetters:
-    def __init__(self, fail: bool = False) -> None:
-        self.fail = fail
-        self.stored: list[tuple[dict[str, Any], str]] = []
+    """Fails every full entry when ``fail``; ``fail_minimal`` fails the last resort too."""
 
-    async def from_advisory(self, js: Any, advisory: dict[str, Any], service: str) -> None:
-        if self.fail:
+    def __init__(self, fail: bool = False, fail_minimal: bool = False) -> None:
+        self.fail = fail
+        self.fail_minimal = fail_minimal
+        self.stored: list[dict[str, Any]] = []
+        self.minimal: list[dict[str, Any]] = []
+
+    async def from_advisory(self, js: Any, advisory: dict[str, Any], service: str, keep_body: bool = True) -> None:
+        if (self.fail and keep_body) or self.fail_minimal:
             raise TimeoutError("no PubAck from the dead-letter stream")
-        self.stored.append((advisory, service))
+        (self.stored if keep_body else self.minimal).append(advisory)
 
 
 class Connection:
@@ -54,8 +60,8 @@ class Connection:
         return object()
 
 
-def settle(shop: Config, data: bytes, dead_letters: DeadLetters) -> Msg:
-    msg = Msg(data)
+def settle(shop: Config, data: bytes, dead_letters: DeadLetters, delivered: int = 1) -> Msg:
+    msg = Msg(data, delivered)
     watcher = AdvisoryWatcher(Connection(), shop, "payments", dead_letters)  # type: ignore[arg-type]
     asyncio.run(watcher._settle(msg))
     return msg
@@ -76,8 +82,32 @@ def test_an_advisory_is_acked_once_its_entry_is_stored(shop: Config) -> None:
     dead_letters = DeadLetters()
     advisory = {"stream": "SHOP", "consumer": "payments", "stream_seq": 7, "deliveries": 5}
     msg = settle(shop, orjson.dumps(advisory), dead_letters)
-    assert dead_letters.stored == [(advisory, "payments")]
+    assert dead_letters.stored == [advisory]
     assert msg.settled == [("ack", None)]
+
+
+def test_after_repeated_failures_the_entry_is_stored_without_the_body_and_the_advisory_acked(shop: Config) -> None:
+    advisory = {"stream": "SHOP", "consumer": "payments", "stream_seq": 9, "deliveries": 20}
+    first = settle(shop, orjson.dumps(advisory), DeadLetters(fail=True), delivered=2)
+    assert first.settled == [("nak", 5.0)]
+    dead_letters = DeadLetters(fail=True)
+    last = settle(shop, orjson.dumps(advisory), dead_letters, delivered=advisories._LAST_RESORT_AFTER)
+    assert (dead_letters.stored, dead_letters.minimal, last.settled) == ([], [advisory], [("ack", None)])
+    # Not even the last resort stored (the DLQ stream is down): tried again later, never termed.
+    down = settle(shop, orjson.dumps(advisory), DeadLetters(fail_minimal=True), delivered=50)
+    assert down.settled == [("nak", 5.0)]
+
+
+@pytest.mark.parametrize("advisory", [
+    {"stream": "SHOP"},  # no sequence
+    {"stream": "SHOP", "stream_seq": "7"},  # not a number
+    {"stream": "OTHER", "stream_seq": 7},  # another stream's message
+    ["SHOP", 7],
+])
+def test_an_advisory_that_is_not_one_about_this_service_is_termed(shop: Config, advisory: Any) -> None:
+    dead_letters = DeadLetters()
+    msg = settle(shop, orjson.dumps(advisory), dead_letters)
+    assert (dead_letters.stored, msg.settled) == ([], [("term", None)])
 
 
 def test_an_advisory_whose_entry_could_not_be_stored_is_nakked_for_later(shop: Config) -> None:

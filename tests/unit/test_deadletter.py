@@ -7,11 +7,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from nats.js import api
 
 from engine import deadletter
 from engine.deadletter import DeadLetters, H
 from engine.errors import MalformedEvent
 from engine.events import MSG_ID_HEADER
+from engine.outbox import header_bytes
 from engine.outcome import Action, Outcome, RetryPolicy, decide
 
 REPLY = "$JS.ACK.SHOP.payments.{attempt}.1834.1834.1700000000000000000.0"
@@ -19,6 +21,8 @@ FIRST = "2026-11-24T08:30:49.222Z"
 
 
 class Publisher:
+    max_payload = 1024 * 1024  # nats-server's default
+
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, dict[str, str]]] = []
 
@@ -37,7 +41,7 @@ class Failures:
         return {"first": FIRST}, 1
 
 
-CONFIG: Any = SimpleNamespace(dead_letter=SimpleNamespace(subject_prefix="dlq"),
+CONFIG: Any = SimpleNamespace(dead_letter=SimpleNamespace(subject_prefix="dlq", max_msg_size=8 * 1024 * 1024),
                               services={"payments": SimpleNamespace(routes={"OrderPlaced": "x"})})
 
 
@@ -97,3 +101,72 @@ def test_a_bucket_that_could_not_be_opened_is_tried_again_later_not_never(monkey
     asyncio.run(failing_three_times(letters))
     assert tries == [0, 1]  # still unavailable, then opened, then kept
     assert failures.asked == ["payments.SHOP.1834"] * 2
+
+
+# ---- entries built from hostile input --------------------------------------------------------------
+
+FAILURE = deadletter.Failure("payments", "OrderPlaced", "MalformedEvent", "body is not JSON", 1, "shop.OrderPlaced",
+                             "SHOP", 1834)
+LIMIT = 1024 * 1024
+
+
+def wire_size(body: bytes, headers: dict[str, str]) -> int:
+    """What nats-server counts against max_payload: the header block nats-py sends, plus the body."""
+    block = "NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    return len(block.encode()) + len(body)
+
+
+def test_an_entry_for_a_body_near_the_limit_is_cut_down_to_fit_and_says_so() -> None:
+    body = b"x" * 1_048_320
+    original = {MSG_ID_HEADER: "m-1", "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "X-Pad": "p" * 200}
+    cut, headers = deadletter.build_entry(FAILURE, body, original, FIRST, FIRST, LIMIT)
+    assert wire_size(cut, headers) <= LIMIT
+    assert wire_size(cut, headers) == header_bytes(headers) + len(cut)  # the size is computed exactly
+    assert headers[H + "Body-Truncated"] == str(len(body)) and body.startswith(cut) and len(cut) > 1_040_000
+    assert (headers[H + "Stream"], headers[H + "Stream-Seq"]) == ("SHOP", "1834")  # where to re-read the original
+    small, small_headers = deadletter.build_entry(FAILURE, b"{}", original, FIRST, FIRST, LIMIT)
+    assert small == b"{}" and H + "Body-Truncated" not in small_headers
+
+
+def test_only_headers_safe_to_send_again_are_kept() -> None:
+    original = {MSG_ID_HEADER: "m-1", "Nats-Expected-Stream": "SHOP", "nats-rollup": "all", "X/Trace": "1",
+                H + "Service": "forged", "jetpool-dlq-route": "forged", "X-Ok": "fine", "traceparent": "t",
+                "X-Padded": " spaces ", "X-Break": "a\rb"}
+    assert deadletter.resendable_headers(original) == {"X-Ok": "fine", "traceparent": "t"}
+    _, headers = deadletter.build_entry(FAILURE, b"{}", original, FIRST, FIRST, LIMIT)
+    assert headers[H + "Service"] == "payments" and headers[H + "Original-Msg-Id"] == "m-1"
+    assert not [k for k in headers if k.lower().startswith("nats-") and k != MSG_ID_HEADER]
+    many = {f"X-H{i}": "v" * 100 for i in range(200)}  # 20 KB of headers: only the first 4 KiB are kept
+    kept = deadletter.resendable_headers(many)
+    assert 0 < len(kept) < len(many) and header_bytes(kept) <= deadletter.ORIGINAL_HEADERS_MAX_BYTES + 12
+
+
+def test_values_from_the_sender_cannot_add_header_lines_and_are_bounded() -> None:
+    hostile = deadletter.Failure("payments", "Order\r\nNats-Rollup: all", "Err", "x" * 100_000 + "\r\nX: y", 1,
+                                 "shop.OrderPlaced", "SHOP", 1)
+    _, headers = deadletter.build_entry(hostile, b"{}", {MSG_ID_HEADER: "a\r\nb"}, FIRST, FIRST, LIMIT)
+    assert all("\r" not in v and "\n" not in v for v in headers.values())
+    assert len(headers[H + "Error"]) == 1000 and len(headers[H + "Route"]) <= 200
+
+
+def test_the_last_resort_entry_has_no_body_and_no_original_headers() -> None:
+    body, headers = deadletter.build_entry(FAILURE, b"x" * 5000, {"X-Ok": "1", MSG_ID_HEADER: "m-1"}, FIRST, FIRST,
+                                           LIMIT, keep_body=False)
+    assert body == b"" and "X-Ok" not in headers
+    assert headers[H + "Body-Truncated"] == "5000" and headers[H + "Original-Msg-Id"] == "m-1"
+
+
+def test_the_route_is_what_the_subject_carries_never_what_the_body_claims() -> None:
+    publisher = Publisher()
+    msg = SimpleNamespace(reply=REPLY.format(attempt=1), subject="shop.OrderPlaced",
+                          data=b'{"type": "StockReserved"}', headers={})
+    forged = Outcome(Action.TERM, reason="MalformedEvent: event type 'StockReserved' does not match", dead_letter=True)
+    letters = DeadLetters(CONFIG, publisher, Failures())  # type: ignore[arg-type]
+    asyncio.run(letters.write(msg, None, forged, 1, "payments"))
+    assert publisher.sent[0][2][H + "Route"] == "OrderPlaced"
+
+
+def test_the_first_failure_bucket_expires_its_keys_and_is_bounded() -> None:
+    stream = deadletter.failures_stream_config(deadletter.FailuresBucket())
+    assert stream.max_age == 24 * 3600.0 and stream.max_bytes == 64 * 1024 * 1024
+    assert stream.discard == api.DiscardPolicy.OLD  # the oldest keys go first, puts never fail

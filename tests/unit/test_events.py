@@ -9,7 +9,18 @@ import orjson
 import pytest
 
 from engine.errors import MalformedEvent
-from engine.events import MSG_ID_HEADER, SCHEMA_VERSION, Event, derived_id, new_id, new_trace_id
+from engine.events import (
+    MAX_DEPTH,
+    MSG_ID_HEADER,
+    SCHEMA_VERSION,
+    Event,
+    carried_type,
+    check_subject,
+    derived_id,
+    json_depth,
+    new_id,
+    new_trace_id,
+)
 
 
 def test_round_trip_keeps_every_field() -> None:
@@ -83,3 +94,42 @@ def test_caused_by_binds_output_to_its_input() -> None:
     grandchild = Event(type="PaymentCaptured").caused_by(child, 0)
     assert grandchild.correlation_id == parent.id
     assert grandchild.causation_id == child.id
+
+
+# ---- the boundary: what a producer cannot do -------------------------------------------------------
+
+
+def nested(depth: int) -> bytes:
+    return b'{"id": "e-1", "type": "Ping", "data": {"x": ' + b"[" * (depth - 2) + b"]" * (depth - 2) + b"}}"
+
+
+def test_json_nested_deeper_than_the_limit_is_rejected_at_the_boundary() -> None:
+    assert json_depth(orjson.loads(nested(MAX_DEPTH))) == MAX_DEPTH
+    assert Event.decode(nested(MAX_DEPTH)).data["x"]  # at the limit: an event
+    with pytest.raises(MalformedEvent, match=f"nested deeper than {MAX_DEPTH} levels"):
+        Event.decode(nested(MAX_DEPTH + 1))
+    with pytest.raises(MalformedEvent, match="nested deeper"):
+        Event.decode(nested(600))  # orjson parses it, but could not encode it again
+    # Many brackets, little depth: measured, and accepted.
+    wide = b'{"id": "e-1", "type": "Ping", "data": {"rows": [' + b",".join([b"[1]"] * 500) + b"]}}"
+    assert len(Event.decode(wide).data["rows"]) == 500
+
+
+def test_an_event_must_be_of_the_type_its_subject_carries() -> None:
+    forged = Event.decode(b'{"id": "e-1", "type": "StockReserved", "data": {}}')
+    with pytest.raises(MalformedEvent, match=re.escape("'StockReserved' does not match subject 'shop.OrderPlaced', "
+                                                       "which carries 'OrderPlaced'")):
+        check_subject(forged, "shop.OrderPlaced")
+    check_subject(forged, "shop.StockReserved")
+    check_subject(forged, "billing.eu.StockReserved")  # another prefix: the last token is the type
+    assert carried_type("shop.OrderPlaced") == "OrderPlaced"
+
+
+def test_two_different_events_claiming_one_id_get_different_output_ids() -> None:
+    """The same bytes again (a redelivery, a producer's retry) keep their output ids; another body does not."""
+    first = Event.decode(b'{"id": "same", "type": "Ping", "data": {"order": 1}}')
+    again = Event.decode(b'{"id": "same", "type": "Ping", "data": {"order": 1}}')
+    other = Event.decode(b'{"id": "same", "type": "Ping", "data": {"order": 2}}')
+    ids = [Event("Pong").caused_by(parent, 0).id for parent in (first, again, other)]
+    assert ids[0] == ids[1] != ids[2]
+    assert Event("Pong").caused_by(Event("Ping", id="built"), 0).id == derived_id("built", 0)
