@@ -1,0 +1,58 @@
+"""The shop's payments and orders handlers tested through engine.testing, on the shop's own YAML.
+
+The harness's proof of use: ``tests/unit/test_shop_payments.py::test_an_order_is_authorized_and_recorded``
+and ``tests/unit/test_shop_orders.py::test_a_malformed_order_is_rejected`` call the handlers directly
+with in-memory state; here the same behaviour runs as deployed — routes, KV buckets, the breaker and
+the dead-letter stream of config/shop.yaml — with only the gateway's files moved into tmp_path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import Event
+from engine.testing import TestApp
+from tests.shop_support import SHOP_YAML, order_placed
+
+pytest_plugins = ["engine.testing"]
+pytestmark = pytest.mark.usefixtures("jetpool_server")
+
+
+def shop(tmp_path: Path) -> TestApp:
+    """Payments and orders of config/shop.yaml; a gateway that answers at once and never declines."""
+    gateway = {"ledger": str(tmp_path / "ledger.sqlite"), "control_file": None, "latency_ms": 0, "jitter_ms": 0,
+               "decline_rate": 0.0}
+    return TestApp(SHOP_YAML, services=["payments", "orders"],
+                   overrides={"payments": {"settings": {"gateway": gateway}}})
+
+
+async def test_an_order_is_authorized_recorded_and_paid(tmp_path: Path) -> None:
+    async with shop(tmp_path) as app:
+        placed = order_placed(amount_cents=2500)
+        [authorized] = await app.publish(placed, wait_for="PaymentAuthorized")
+        assert authorized.data["charge_id"].startswith("ch_")
+        assert authorized.data["order_id"] == placed.aggregate_id and authorized.data["amount_cents"] == 2500
+        await app.settle()  # orders has applied both the OrderPlaced and the PaymentAuthorized
+        payment, _ = await app.state("payments").get(placed.aggregate_id)
+        assert payment is not None and payment["status"] == "authorized"
+        order, _ = await app.state("orders").get(placed.aggregate_id)
+        assert order is not None and order["status"] == "paid"
+        assert await app.dead_letters() == []
+
+
+async def test_a_malformed_order_is_rejected_by_both_services(tmp_path: Path) -> None:
+    async with shop(tmp_path) as app:
+        bad = Event("OrderPlaced", {"order_id": "o1", "customer_id": "c", "sku": "s", "qty": 0, "amount_cents": 1})
+        await app.publish(bad)
+        entries = await app.expect_dead_letters(2)
+        assert sorted(e.service for e in entries) == ["orders", "payments"]
+        for entry in entries:
+            assert entry.error_type == "Reject"
+            assert "qty must be a positive integer, got 0" in entry.error
+            assert Event.decode(entry.body).id == bad.id
+        await app.settle()
+        assert app.events("PaymentAuthorized") == []
+        record, _ = await app.state("orders").get("o1")
+        assert record is None
