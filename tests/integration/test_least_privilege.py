@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,6 +23,9 @@ import yaml
 
 from engine.embedded import EmbeddedServer
 from engine.events import MSG_ID_HEADER, Event
+from engine.state import KVState
+from handlers.audit_store import SqliteAuditStore
+from handlers.inventory import seed
 from tests.support import REPO_ROOT, App, Engine, run_cli, wait_for
 
 CONF = REPO_ROOT / "config" / "nats-server-least-privilege.conf"
@@ -79,6 +83,7 @@ def _shop_config(directory: Path, url: str) -> App:
     gateway = raw["services"]["payments"]["settings"]["gateway"]
     gateway.update(ledger=str(directory / "ledger.sqlite"), control_file=str(directory / "control.json"),
                    decline_rate=0.0, failure_rate=0.0)
+    raw["services"]["audit"]["settings"] = {"db_path": str(directory / "audit.sqlite")}
     path = directory / "shop.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return App(path, url, "SHOP", "shop", raw)
@@ -194,3 +199,105 @@ def test_the_admin_password_is_not_in_the_shipped_file() -> None:
     for line in CONF.read_text().splitlines():
         if "password:" in line and not line.lstrip().startswith("#"):
             assert "password: $NATS_" in line, line
+
+
+# ---- hostile producers (docs/security.md) ----------------------------------------------------------
+
+
+def publish_as(shop: Shop, user: str, subject: str, body: bytes, msg_id: str) -> None:
+    async def work(nc: Any, _: list[str]) -> None:
+        await nc.jetstream().publish(subject, body, headers={MSG_ID_HEADER: msg_id})
+
+    as_user(shop, user, work)
+
+
+def order_record(shop: Shop, order_id: str) -> Any:
+    async def work(nc: Any, _: list[str]) -> Any:
+        kv = await nc.jetstream().key_value("orders")
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            return json.loads((await kv.get(order_id)).value)
+        return None
+
+    return as_user(shop, "admin", work)
+
+
+def audited(shop: Shop, order_id: str) -> list[str]:
+    store = SqliteAuditStore(shop.app.raw["services"]["audit"]["settings"]["db_path"])
+    try:
+        return [r.type for r in asyncio.run(store.timeline(order_id))]
+    finally:
+        store.close()
+
+
+def test_an_event_whose_body_claims_another_type_than_its_subject_is_dead_lettered(
+        shop: Shop, engine: Callable[..., Engine]) -> None:
+    """As storefront, a 'StockReserved' on shop.OrderPlaced would confirm an unpaid order; as payments,
+    an 'OutOfStock' on shop.PaymentAuthorized would cancel a paid one. Each consumer of those subjects
+    dead-letters the forgery on its first delivery, naming both types, and no state changes."""
+    async def stock_up(nc: Any, _: list[str]) -> None:
+        await seed(KVState(await nc.jetstream().key_value("stock")), {"forged-widget": 10})
+
+    as_user(shop, "admin", stock_up)
+    run = engine(shop.app, env={**shop.env("admin"), "JETPOOL_HTTP_PORT": "0"}, args=["--no-provision"])
+    paid = order("forge-paid", sku="forged-widget")
+    publish_as(shop, "storefront", "shop.OrderPlaced", paid.encode(), paid.id)
+    wait_for(lambda: (order_record(shop, "forge-paid") or {}).get("status") == "confirmed", 60,
+             "the genuine order to be confirmed", detail=run.tail)
+    before = counts(shop)
+
+    unpaid = order("forge-unpaid", sku="forged-widget")
+    forged_reserved = Event("StockReserved", unpaid.data, aggregate_id="forge-unpaid")
+    publish_as(shop, "storefront", "shop.OrderPlaced", forged_reserved.encode(), forged_reserved.id)
+    forged_out = Event("OutOfStock", {**paid.data, "reason": "forged"}, aggregate_id="forge-paid")
+    publish_as(shop, "payments", "shop.PaymentAuthorized", forged_out.encode(), forged_out.id)
+
+    def grew(subject: str) -> int:
+        return counts(shop).get(subject, 0) - before.get(subject, 0)
+
+    # orders, payments and audit consume shop.OrderPlaced; orders, inventory and audit shop.PaymentAuthorized.
+    wait_for(lambda: (grew("dlq.orders"), grew("dlq.payments"), grew("dlq.inventory"), grew("dlq.audit")) ==
+             (2, 1, 1, 2), 60, "one dead letter per consumer of each forgery", detail=run.tail)
+    failed = [r for r in run.records("event.failed") if "does not match subject" in r["reason"]]
+    assert len(failed) == 6 and {r["outcome"] for r in failed} == {"dead_letter"}
+    assert {r["attempt"] for r in failed} == {1}
+    assert any("'StockReserved' does not match subject 'shop.OrderPlaced'" in r["reason"] for r in failed)
+    assert any("'OutOfStock' does not match subject 'shop.PaymentAuthorized'" in r["reason"] for r in failed)
+
+    after = counts(shop)
+    for subject in ("shop.OrderConfirmed", "shop.OrderCancelled", "shop.PaymentRefunded", "shop.StockReserved",
+                    "shop.OutOfStock"):
+        assert after.get(subject, 0) == before.get(subject, 0), subject
+    for subject in ("shop.OrderPlaced", "shop.PaymentAuthorized"):  # the forgeries themselves, and nothing more
+        assert after.get(subject, 0) == before.get(subject, 0) + 1, subject
+    assert order_record(shop, "forge-unpaid") is None
+    assert order_record(shop, "forge-paid")["status"] == "confirmed"
+    assert "StockReserved" not in audited(shop, "forge-unpaid") and "OutOfStock" not in audited(shop, "forge-paid")
+
+
+def test_json_nested_too_deep_is_rejected_and_the_audit_stores_the_rest_of_its_batch(
+        shop: Shop, engine: Callable[..., Engine]) -> None:
+    """600 levels parse but cannot be encoded again: the audit's group commit would fail for every
+    event of its batch. It is dead-lettered at the boundary; the 30 genuine orders around it are stored."""
+    run = engine(shop.app, env={**shop.env("admin"), "JETPOOL_HTTP_PORT": "0"},
+                 args=["--no-provision", "--service", "audit"], workers=1)
+    before = counts(shop)
+    orders = [order(f"deep-{i}") for i in range(30)]
+    deep = b'{"id": "deep", "type": "OrderPlaced", "data": {"order_id": "deep-x", "x": ' + b"[" * 600 + \
+        b"]" * 600 + b"}}"
+
+    async def place(nc: Any, _: list[str]) -> None:
+        js = nc.jetstream()
+        for event in orders[:15]:
+            await js.publish("shop.OrderPlaced", event.encode(), headers={MSG_ID_HEADER: event.id})
+        await js.publish("shop.OrderPlaced", deep, headers={MSG_ID_HEADER: "deep"})
+        for event in orders[15:]:
+            await js.publish("shop.OrderPlaced", event.encode(), headers={MSG_ID_HEADER: event.id})
+
+    as_user(shop, "storefront", place)
+    wait_for(lambda: all(audited(shop, e.aggregate_id) == ["OrderPlaced"] for e in orders), 60,
+             "every genuine order audited", detail=run.tail)
+    wait_for(lambda: counts(shop).get("dlq.audit", 0) == before.get("dlq.audit", 0) + 1, 30,
+             "the deep event dead-lettered", detail=run.tail)
+    [failure] = [r for r in run.records("event.failed") if r.get("stream_seq") and "nested" in r["reason"]]
+    assert failure["reason"] == "MalformedEvent: body is nested deeper than 64 levels"
+    assert failure["attempt"] == 1
