@@ -19,7 +19,7 @@ from rich.table import Table
 from engine.config import Config
 from engine.connection import connect
 from engine.errors import ConfigError, MalformedEvent
-from engine.events import Event
+from engine.events import Event, check_subject
 from handlers.audit import DEFAULT_DB_PATH, describe
 from handlers.audit_store import AuditRecord, SqliteAuditStore
 
@@ -112,6 +112,7 @@ async def _replay(js: Any, stream: str, subject: str, audited: set[str], store: 
                 seq = msg.metadata.sequence.stream
                 with contextlib.suppress(MalformedEvent):
                     event = Event.decode(msg.data)
+                    check_subject(event, msg.subject)  # a forged type is not audited (the consumer refused it too)
                     if event.type in audited:
                         records.append(AuditRecord.from_event(event, seq))
             await store.add_many(records)

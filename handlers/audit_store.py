@@ -133,14 +133,24 @@ class SqliteAuditStore:
             batch, self._queue = self._queue, []
             try:
                 await self._run(self._insert, [record for record, _ in batch])
-            except Exception as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
+            except Exception:
+                # One record the store refuses must not fail the others of its group: each alone, then.
+                for record, done in batch:
+                    await self._write_one(record, done)
             else:
                 for _, done in batch:
                     if not done.done():
                         done.set_result(None)
+
+    async def _write_one(self, record: AuditRecord, done: asyncio.Future[None]) -> None:
+        try:
+            await self._run(self._insert, [record])
+        except Exception as exc:
+            if not done.done():
+                done.set_exception(exc)
+        else:
+            if not done.done():
+                done.set_result(None)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

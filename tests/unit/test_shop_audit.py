@@ -48,6 +48,27 @@ def test_concurrent_adds_are_group_committed_and_readable(tmp_path: Path) -> Non
     store.close()
 
 
+def test_a_record_the_store_refuses_fails_alone_not_its_whole_group(tmp_path: Path) -> None:
+    """A record that cannot be written (here: data orjson cannot encode, 300 levels deep) fails its
+    own add; the other records committed in the same group are stored."""
+    store = SqliteAuditStore(tmp_path / "a.sqlite")
+    good = [order_placed(order_id=f"o-{i}") for i in range(20)]
+    deep: object = []
+    for _ in range(300):
+        deep = [deep]
+    bad = order_placed(order_id="o-bad")
+    bad.data["nested"] = deep
+
+    async def go() -> list[BaseException | None]:
+        adds = [store.add(AuditRecord.from_event(e, i)) for i, e in enumerate([*good[:10], bad, *good[10:]])]
+        return await asyncio.gather(*adds, return_exceptions=True)
+
+    results = asyncio.run(go())
+    assert [r is None for r in results] == [True] * 10 + [False] + [True] * 10
+    assert asyncio.run(store.count()) == 20
+    store.close()
+
+
 def test_describe_shows_the_key_data() -> None:
     placed = order_placed(sku="mug", qty=2, amount_cents=1250)
     assert audit.describe(AuditRecord.from_event(placed)) == "sku=mug qty=2 amount=12.50"
