@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError
 
 from engine import deadletter
 from engine.config import Config, load_config
-from engine.connection import connect
+from engine.connection import connect, redact_url
 from engine.dispatch import build_router
 from engine.embedded import EmbeddedServer
 from engine.errors import JetpoolError
@@ -225,7 +225,8 @@ async def _require_dlq_stream(js: Any, cfg: Config) -> None:
     try:
         await js.stream_info(cfg.dead_letter.stream)
     except NotFoundError:
-        raise JetpoolError(f"{cfg.source}: no dead-letter stream {cfg.dead_letter.stream!r} on {cfg.nats.url} "
+        raise JetpoolError(f"{cfg.source}: no dead-letter stream {cfg.dead_letter.stream!r} "
+                           f"on {redact_url(cfg.nats.url or '')} "
                            f"(run 'jetpool provision -c {cfg.source}' or start the engine once)") from None
 
 
@@ -383,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "audit": cmd_audit, "chaos": cmd_chaos}
         return uvloop.run(commands[args.command](args))
     except (JetpoolError, LookupError) as exc:
-        print(f"jetpool: error: {exc}", file=sys.stderr)
+        print(f"jetpool: error: {redact_url(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # demo, load, audit: Ctrl-C after their cleanup ran
         return 130

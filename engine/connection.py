@@ -45,7 +45,10 @@ _AUTH_VARS = {
     "user_credentials": "JETPOOL_NATS_CREDS",
     "nkeys_seed": "JETPOOL_NATS_NKEY_SEED",
 }
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# The user:password@ (or token@) of every URL in a text: after a scheme, or at the start of a
+# scheme-less server ("admin:pw@host:4222", which nats-py accepts). Greedy up to the last "@" before a
+# "/" or a space, so an unencoded "@" or "," in a password is hidden too (at worst a host with it).
+_URL_USERINFO = re.compile(r"(?:(?<=://)|(?<![^\s,]))[^/\s]*@")
 # OpenSSL reasons that mean "the server did not accept our client certificate".
 _CLIENT_CERT_REFUSED = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "CERTIFICATE_EXPIRED",
                         "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_UNKNOWN", "ACCESS_DENIED")
@@ -238,9 +241,18 @@ def _is_refusal(exc: BaseException) -> bool:
     return any(word in text for word in ("authorization", "authentication", "permissions violation"))
 
 
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``.
+
+    Use it wherever a URL is printed, logged or put in an error: ``nats://admin:S3cret@host:4222``
+    becomes ``nats://***@host:4222``.
+    """
+    return _URL_USERINFO.sub("***@", text)
+
+
 def _scrub(text: str, options: Mapping[str, Any]) -> str:
     """Remove user:password@ from URLs and every secret value in use from ``text``."""
-    text = _URL_USERINFO.sub("***@", text)
+    text = redact_url(text)
     for key in ("password", "token"):
         secret = options.get(key)
         if secret and len(secret) >= 3:

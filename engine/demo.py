@@ -43,7 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engine.cli import broker, provision_only
 from engine.config import Config
-from engine.connection import connect
+from engine.connection import connect, redact_url
 from engine.errors import JetpoolError
 from engine.events import Event, now_iso
 from engine.lifeline import die_with_parent
@@ -583,7 +583,8 @@ class EngineProcess:
 
     Args:
         config_path: the YAML file.
-        url: the broker.
+        url: the broker; given in the environment (``JETPOOL_NATS_URL``), never in the argv, which
+            ``ps`` shows to every user of the machine.
         log_path: where its output goes.
         env: extra environment (e.g. ``JETPOOL__...`` overrides).
         log_level: the config's log level (the engine logs at least ``info``).
@@ -602,12 +603,16 @@ class EngineProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # Readiness is read from the log's worker.started lines, so the log keeps at least info level.
-        command = [sys.executable, "-m", "engine", "run", "-c", self.config_path, "--nats-url", self.url,
+        command = [sys.executable, "-m", "engine", "run", "-c", self.config_path,
                    "--no-provision", "--log-level", "debug" if self.log_level == "debug" else "info"]
+        # The URL (which may hold a password) goes in the environment, not the argv; JETPOOL__NATS__URL
+        # would take precedence over it, so it is dropped.
+        env = {k: v for k, v in {**os.environ, **self.env}.items() if k.upper() != "JETPOOL__NATS__URL"}
+        env["JETPOOL_NATS_URL"] = self.url
         with open(self.log_path, "ab") as out:
             # Tied to this (main) thread: a SIGKILLed demo leaves no engine consuming behind it. SIGHUP,
             # which the supervisor drains on however many times it comes (once per exiting thread).
-            self.proc = subprocess.Popen(command, stdout=out, stderr=out, env={**os.environ, **self.env},
+            self.proc = subprocess.Popen(command, stdout=out, stderr=out, env=env,
                                          start_new_session=True, preexec_fn=die_with_parent(signal.SIGHUP))
 
     async def wait_ready(self, workers: int, timeout_s: float = 60.0) -> None:
@@ -692,8 +697,8 @@ async def _demo_on(cfg: Config, plan: Plan, log_path: Path, breaker_reset_s: flo
         env["JETPOOL__BREAKERS__PAYMENT_GATEWAY__RESET_TIMEOUT_S"] = str(breaker_reset_s)
     workers = sum(svc.workers for svc in cfg.services.values())
     engine = EngineProcess(cfg.source, str(cfg.nats.url), log_path, env, cfg.log.level)
-    console.print(f"jetpool demo: broker {cfg.nats.url}, {len(cfg.services)} services in {workers} worker "
-                  f"processes (log: {log_path})")
+    console.print(f"jetpool demo: broker {redact_url(str(cfg.nats.url))}, {len(cfg.services)} services in "
+                  f"{workers} worker processes (log: {log_path})")
     breaker = cfg.breakers.get("payment_gateway")
     reset_s = breaker_reset_s if breaker_reset_s is not None else breaker.reset_timeout_s if breaker else None
     if plan.outage is not None and reset_s is not None:

@@ -21,14 +21,16 @@ three steps, each safe to repeat:
 
 A redelivered event whose reservation exists skips straight to settle, so a crash at any point
 leaves no stock taken twice. Within one process, changes to the same sku take turns on a lock, so
-the compare-and-set retries only compete with other processes.
+the compare-and-set retries only compete with other processes; a sku's lock exists only while a
+change to it is running or waiting, so a stream of distinct skus leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from engine import Context, Event
@@ -38,7 +40,34 @@ from handlers.saga import OUT_OF_STOCK, STOCK_RESERVED, Order
 
 RESERVED, OUT = "reserved", "out_of_stock"
 
-_locks: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
+
+class KeyedLocks:
+    """One ``asyncio.Lock`` per key, kept only while a task holds it or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}  # holders and waiters of each key's lock
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key``'s lock for the ``async with`` block."""
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            # Dropped only when no task holds or waits for it, so a later task's new lock can never
+            # run beside the old one.
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._locks[key], self._users[key]
+
+
+_locks: weakref.WeakKeyDictionary[Any, KeyedLocks] = weakref.WeakKeyDictionary()
 
 
 def sku_key(sku: str) -> str:
@@ -130,9 +159,6 @@ async def _settle(stock: StateStore, order: Order, record: Value) -> None:
         await stock.mutate(sku_key(order.sku), settle)
 
 
-def _lock(stock: StateStore, sku: str) -> asyncio.Lock:
-    per_store = _locks.setdefault(stock, {})
-    lock = per_store.get(sku)
-    if lock is None:
-        lock = per_store[sku] = asyncio.Lock()
-    return lock
+def _lock(stock: StateStore, sku: str) -> AbstractAsyncContextManager[None]:
+    """The sku's lock in this store, as an async context manager."""
+    return _locks.setdefault(stock, KeyedLocks()).hold(sku)

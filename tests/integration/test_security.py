@@ -15,6 +15,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import nkeys
+import psutil
 import pytest
 
 from engine.config import NatsConfig
@@ -29,7 +31,8 @@ from engine.connection import connect
 from engine.embedded import EmbeddedServer
 from engine.errors import BrokerError
 from engine.events import MSG_ID_HEADER
-from tests.support import App, Engine, pings, run_cli, wait_for, write_config
+from tests.shop_support import write_shop_config
+from tests.support import REPO_ROOT, App, Engine, engine_env, pings, run_cli, wait_for, write_config
 
 StartServer = Callable[[Path, str], EmbeddedServer]
 
@@ -350,3 +353,68 @@ def test_engine_runs_with_password_and_mutual_tls(pki: Pki, secure_server: Start
     assert run.records("worker.started")
     assert not run.records("nats.refused")
     assert_no_secret(run.log_text(), auth.secrets)
+
+
+# ---- a password in a URL is never printed ----------------------------------------------------------
+
+
+def password_in_url(secure_server: StartServer, directory: Path) -> tuple[str, str]:
+    """A server wanting user ``admin`` and a new password, and the URL that carries both."""
+    password = f"S3cretPassw0rd{secrets.token_hex(8)}"
+    server = secure_server(directory / "nats", f'authorization {{ user: admin, password: "{password}" }}\n')
+    return f"nats://admin:{password}@127.0.0.1:{server.port}", password
+
+
+def test_a_cli_error_about_the_server_hides_the_password_of_its_url(secure_server: StartServer,
+                                                                     tmp_path: Path) -> None:
+    url, password = password_in_url(secure_server, tmp_path)
+    app = write_config(tmp_path, url)  # never provisioned: the server has no dead-letter stream
+
+    result = run_cli(["dlq", "list", "-c", str(app.path), "--log-level", "debug"])
+
+    assert result.returncode == 2, result.stderr
+    assert "no dead-letter stream" in result.stderr and "nats://***@127.0.0.1" in result.stderr, result.stderr
+    assert_no_secret(result.stdout + result.stderr, [password])
+
+
+def test_the_demo_prints_no_password_and_gives_it_to_no_child_argv(secure_server: StartServer,
+                                                                    tmp_path: Path) -> None:
+    """The URL reaches the demo, and from it the engine it starts, in the environment only."""
+    url, password = password_in_url(secure_server, tmp_path)
+    app = write_shop_config(tmp_path, "nats://127.0.0.1:1")  # overridden by JETPOOL_NATS_URL
+    log = tmp_path / "engine.log"
+    demo = subprocess.Popen([sys.executable, "-m", "engine", "demo", "-c", str(app.path), "--orders", "20",
+                             "--rate", "0", "--stall-s", "10", "--log-file", str(log), "--log-level", "debug"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+                            env=engine_env({"JETPOOL_NATS_URL": url}), start_new_session=True)
+    seen: dict[int, psutil.Process] = {}
+    argv: dict[int, list[str]] = {}
+    try:
+        while demo.poll() is None:  # the argv of every process the demo starts, while it runs
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(demo.pid).children(recursive=True):
+                    seen.setdefault(child.pid, child)
+                    with contextlib.suppress(psutil.Error):
+                        argv.setdefault(child.pid, child.cmdline())
+            time.sleep(0.05)
+        out = demo.communicate(timeout=10)[0]
+    finally:
+        _kill(demo, seen.values())
+
+    assert demo.returncode == 0, out
+    assert f"broker nats://***@127.0.0.1:{url.rsplit(':', 1)[1]}" in " ".join(out.split()), out
+    assert any("run" in args and "engine" in args for args in argv.values()), argv  # the engine was seen
+    assert len(argv) > 2, argv  # ... and its workers
+    assert_no_secret(out + log.read_text() + json.dumps(argv), [password])
+
+
+def _kill(proc: subprocess.Popen[str], children: Any) -> None:
+    """SIGKILL a process and the descendants seen of it, by PID (psutil checks each one's start time)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    tree = list(children)
+    for child in tree:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(tree, timeout=10)

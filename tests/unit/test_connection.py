@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from engine.config import NatsConfig, load_config, parse_config
-from engine.connection import connect, connect_options
+from engine.connection import connect, connect_options, redact_url
 from engine.errors import BrokerError, ConfigError
 
 CFG = NatsConfig(url="nats://127.0.0.1:4222")
@@ -89,3 +89,16 @@ def test_a_secret_in_a_misnamed_override_is_not_echoed(tmp_path: Path) -> None:
         load_config(path, env={"JETPOOL__NATS__PASSWORD": f"[{SECRET}"})  # not valid YAML
     assert "JETPOOL__NATS__PASSWORD" in str(err.value)
     assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    (f"nats://admin:{SECRET}@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+    (f"admin:{SECRET}@nats-0:4222", "***@nats-0:4222"),  # scheme-less, as nats-py accepts
+    (f"tls://{SECRET}@a:4222,nats://u:{SECRET}@b:4222", "tls://***@a:4222,nats://***@b:4222"),
+    (f"nats://u:p@{SECRET}@h:4222/x", "nats://***@h:4222/x"),  # an unencoded @ in the password
+    (f"no dead-letter stream 'DLQ' on nats://admin:{SECRET}@h:4222 (run x)",
+     "no dead-letter stream 'DLQ' on nats://***@h:4222 (run x)"),
+    ("nats://127.0.0.1:4222, nats://h:1", "nats://127.0.0.1:4222, nats://h:1"),
+])
+def test_redact_url_hides_the_credentials_of_every_url(text: str, shown: str) -> None:
+    assert redact_url(text) == shown

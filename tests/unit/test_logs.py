@@ -133,3 +133,36 @@ def test_the_supervisor_and_tools_log_as_the_config_says(command: str, shown: li
 def test_records_interleaved_on_one_line_are_all_read() -> None:
     text = 'noise {"event": "a", "n": 1}{"event": "b"}\n{"event": "c", "nested": {"x": 1}} trailing {broken\n'
     assert [r["event"] for r in json_records(text)] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_megabyte_field_makes_a_short_line(fmt: str, stderr: SwapStderr) -> None:
+    """A value a producer controls (a reason quoting bad input, an aggregate id) is cut, with a marker."""
+    stream = stderr(False)
+    configure_logging("info", fmt)
+    huge = "x" * 1_000_000
+    structlog.get_logger("test").warning("event.bad_input", reason=huge, aggregate_id="order-1", attempt=3,
+                                         headers={"X-Big": huge}, small={"a": 1}, error=ValueError(huge))
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and len(text) < 2_500, len(text)
+    assert "order-1" in text
+    if fmt == "console":
+        assert "x" * 512 + "…(+999488 chars)" in text
+    else:
+        record = json.loads(text)
+        assert record["reason"] == "x" * 512 + "…(+999488 chars)"
+        assert record["headers"].startswith("{'X-Big': 'xxx") and record["headers"].endswith(" chars)")
+        assert record["error"].startswith("ValueError('xxx") and record["error"].endswith(" chars)")
+        assert (record["attempt"], record["small"]) == (3, {"a": 1})  # short values are left alone
+
+
+def test_a_traceback_is_kept_longer_but_bounded(stderr: SwapStderr) -> None:
+    stream = stderr(False)
+    configure_logging("info", "json")
+    try:
+        raise ValueError("y" * 1_000_000)
+    except ValueError:
+        structlog.get_logger("test").exception("handler.failed")
+    record = json.loads(stream.getvalue())
+    assert record["exception"].startswith("Traceback (most recent call last)")
+    assert 16_384 < len(record["exception"]) < 16_500
