@@ -99,3 +99,36 @@ def test_provision_warns_of_a_duplicate_window_shorter_than_the_redelivery_horiz
     assert (warning["stream"], warning["service"], warning["duplicate_window_s"], warning["redelivery_horizon_s"]) == (
         app.stream, "echo", 30.0, 40.0)
     assert stream_info(app).config.duplicate_window == 30
+
+
+def test_the_first_failure_bucket_gets_a_ttl_and_a_size_limit_also_when_it_existed_without(
+        make_config: Callable[..., App], private_server: Any) -> None:
+    """Every message nakked once leaves a key there: an old bucket without limits (as nats-py creates a
+    KV bucket) is given its TTL, size limit and discard-old by provision, and keeps working as a bucket."""
+    app = make_config(url=private_server.url)
+
+    async def old_bucket() -> None:
+        nc = await nats.connect(app.url)
+        try:
+            await nc.jetstream().create_key_value(api.KeyValueConfig(bucket="jetpool_failures", history=1,
+                                                                     storage=api.StorageType.MEMORY))
+        finally:
+            await nc.close()
+
+    asyncio.run(old_bucket())
+    assert stream_info(app, "KV_jetpool_failures").config.max_age in (None, 0, 0.0)
+    provision(app)
+    config = stream_info(app, "KV_jetpool_failures").config
+    assert config.max_age == 24 * 3600.0 and config.max_bytes == 64 * 1024 * 1024
+    assert config.discard == api.DiscardPolicy.OLD and config.storage == api.StorageType.MEMORY
+
+    async def use() -> Any:
+        nc = await nats.connect(app.url)
+        try:
+            kv = await nc.jetstream().key_value("jetpool_failures")
+            await kv.create("echo.T.1", b'{"first": "x"}')
+            return (await kv.get("echo.T.1")).value
+        finally:
+            await nc.close()
+
+    assert asyncio.run(use()) == b'{"first": "x"}'
