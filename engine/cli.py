@@ -16,7 +16,7 @@ import structlog
 import uvloop
 from nats.js.errors import NotFoundError
 
-from engine import deadletter
+from engine import dlq
 from engine.config import Config, load_config
 from engine.connection import connect, redact_url
 from engine.dispatch import build_router
@@ -106,18 +106,23 @@ def _chaos_parser(sub: Any) -> None:
 
 
 def _dlq_parser(sub: Any) -> None:
-    dlq = sub.add_parser("dlq", help="inspect, replay or purge the dead-letter stream")
-    actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    command = sub.add_parser("dlq", help="inspect, replay or purge the dead-letter stream")
+    actions = command.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="list entries, oldest first")
     listing.add_argument("--service", help="only this service's entries")
     listing.add_argument("--limit", type=_positive, default=50, help="at most N entries (default 50)")
     show = actions.add_parser("show", help="show one entry with its body")
     show.add_argument("id", type=int, help="entry id (its DLQ stream sequence)")
-    replay = actions.add_parser("replay", help="re-publish entries to their original subject and remove them")
+    replay = actions.add_parser(
+        "replay", help="re-publish entries' originals to their subject and remove them; refuse entries that do "
+                       "not check out (exit 1)")
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("id", type=int, nargs="?", help="entry id")
     which.add_argument("--service", help="every entry of this service")
     which.add_argument("--all", action="store_true", help="every entry")
+    replay.add_argument("--from-entry", action="store_true",
+                        help="when an original is gone from its stream, publish the body the entry stored "
+                             "(never for an entry whose body was cut short)")
     purge = actions.add_parser("purge", help="delete entries")
     purge.add_argument("--service", help="only this service's entries")
     for action in (listing, show, replay, purge):
@@ -233,32 +238,43 @@ async def _require_dlq_stream(js: Any, cfg: Config) -> None:
 async def dlq_action(args: argparse.Namespace, cfg: Config, js: Any) -> int:
     action = args.dlq_command
     if action == "list":
-        entries = await deadletter.list_entries(js, cfg, args.service, args.limit)
+        entries = await dlq.list_entries(js, cfg, args.service, args.limit)
         _print([e.to_json() for e in entries] if args.json else _table(entries), args.json)
     elif action == "show":
-        entry = await deadletter.get_entry(js, cfg, args.id)
+        entry = await dlq.get_entry(js, cfg, args.id)
         _print(entry.to_json() if args.json else _details(entry), args.json)
     elif action == "replay":
-        if args.id is not None:
-            entries = [await deadletter.get_entry(js, cfg, args.id)]
-        else:
-            entries = await deadletter.list_entries(js, cfg, args.service, limit=10**9)
-        count = await deadletter.replay(js, cfg, entries)
-        _print({"replayed": count} if args.json else [f"replayed {count} entries"], args.json)
+        return await _replay(args, cfg, js)
     else:
-        count = await deadletter.purge(js, cfg, args.service)
+        count = await dlq.purge(js, cfg, args.service)
         _print({"purged": count} if args.json else [f"purged {count} entries"], args.json)
     return 0
 
 
-def _table(entries: list[deadletter.Entry]) -> list[str]:
+async def _replay(args: argparse.Namespace, cfg: Config, js: Any) -> int:
+    """Replay the chosen entries: 0, or 1 when any was refused (a line each on stderr, or in the JSON)."""
+    if args.id is not None:
+        entries = [await dlq.get_entry(js, cfg, args.id)]
+    else:
+        entries = await dlq.list_entries(js, cfg, args.service, limit=10**9)
+    report = await dlq.replay(js, cfg, entries, from_entry=args.from_entry)
+    if args.json:
+        _print(report.to_json(), True)
+    else:
+        for refusal in report.refused:
+            print(_printable(f"jetpool: dlq replay: entry {refusal.id} refused: {refusal.reason}"), file=sys.stderr)
+        print(f"replayed {len(report.replayed)}, refused {len(report.refused)}")
+    return 1 if report.refused else 0
+
+
+def _table(entries: list[dlq.Entry]) -> list[str]:
     if not entries:
         return ["no dead-letter entries"]
     header = f"{'ID':>6}  {'LAST FAILURE':<24}  {'SERVICE':<14} {'ROUTE':<18} {'ATTEMPTS':>8}  ERROR"
     return [header, *(_line(e) for e in entries)]
 
 
-def _line(e: deadletter.Entry) -> str:
+def _line(e: dlq.Entry) -> str:
     return _printable(f"{e.id:>6}  {e.last_failure:<24}  {e.service:<14} {e.route or '-':<18} "
                       f"{e.attempts:>8}  {e.error_type}: {_clip(e.error, 80)}")
 
@@ -268,11 +284,14 @@ BODY_MAX_LINES = 60
 BODY_HEX_BYTES = 256
 
 
-def _details(e: deadletter.Entry) -> list[str]:
+def _details(e: dlq.Entry) -> list[str]:
     """One entry for a person: a field per line, the original headers, then the body."""
-    fields = [("id", e.id), ("service", e.service), ("route", e.route or "-"), ("error type", e.error_type),
-              ("error", e.error), ("attempts", e.attempts), ("subject", e.subject), ("stream", e.stream),
-              ("stream seq", e.stream_seq), ("first failure", e.first_failure), ("last failure", e.last_failure)]
+    fields = [("id", e.id), ("dlq subject", e.dlq_subject), ("service", e.service), ("route", e.route or "-"),
+              ("error type", e.error_type), ("error", e.error), ("attempts", e.attempts), ("subject", e.subject),
+              ("stream", e.stream), ("stream seq", "-" if e.stream_seq is None else e.stream_seq),
+              ("first failure", e.first_failure), ("last failure", e.last_failure)]
+    if e.truncated:
+        fields.append(("truncated", f"the entry keeps part of a {e.headers[dlq.TRUNCATED_HEADER]}-byte body"))
     lines = [f"{name + ':':<15}{value}" for name, value in fields]
     headers = e.original_headers()
     lines.append("headers:" + ("" if headers else "       (none)"))
@@ -294,7 +313,8 @@ def _body(body: bytes) -> list[str]:
             lines.append(f"  ... cut short: {len(head)} of {len(body)} bytes shown")
         return lines
     kind = "text"
-    with contextlib.suppress(orjson.JSONDecodeError):
+    # JSON nested deeper than orjson writes (255) is read but cannot be indented: shown as text.
+    with contextlib.suppress(orjson.JSONDecodeError, orjson.JSONEncodeError):
         text = orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2).decode()
         kind = "JSON"
     kept = text[:BODY_MAX_CHARS].splitlines()[:BODY_MAX_LINES]

@@ -6,17 +6,21 @@ replayed and purged by the real command line in subprocesses; counts are checked
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import nats
+import nats.js.errors
 import pytest
 
-from engine.events import Event
+from engine.deadletter import H
+from engine.events import MSG_ID_HEADER, Event
 from tests.integration.test_failures import FAILING, dlq, with_dlq
 from tests.support import (
     App,
@@ -135,9 +139,9 @@ def test_show_prints_one_field_per_line_and_json_for_scripts(rejects: Rejects) -
     shown = ok(app, "show", str(padded.id))
     fields = {name: value.strip() for name, value in show_fields(shown).items()}
     assert fields == {
-        "id": str(padded.id), "service": "echo", "route": "Ping", "error type": "Reject",
-        "error": "card number is not valid", "attempts": "1", "subject": app.subject("Ping"), "stream": app.stream,
-        "stream seq": str(padded.stream_seq), "first failure": padded.first_failure,
+        "id": str(padded.id), "dlq subject": f"dlq{app.prefix}.echo", "service": "echo", "route": "Ping",
+        "error type": "Reject", "error": "card number is not valid", "attempts": "1", "subject": app.subject("Ping"),
+        "stream": app.stream, "stream seq": str(padded.stream_seq), "first failure": padded.first_failure,
         "last failure": padded.last_failure,
     }
     assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", fields["last failure"])
@@ -201,12 +205,12 @@ def test_replay_by_service_then_all_twice_stores_each_event_once(rejects: Reject
     rejects.run.kill_tree()  # nothing consumes while we count what the replays store
     pings_before, pangs_before = count(app, "Ping"), count(app, "Pang")
 
-    assert as_json(app, "replay", "--service", "other") == {"replayed": 2}
+    assert as_json(app, "replay", "--service", "other") == {"replayed": 2, "refused": 0, "refusals": []}
     assert (count(app, "Ping"), count(app, "Pang")) == (pings_before, pangs_before + 2)
     assert {e.service for e in dlq(app)} == {"echo"}
-    assert ok(app, "replay", "--all") == "replayed 5 entries\n"
-    assert ok(app, "replay", "--all") == "replayed 0 entries\n"
-    assert as_json(app, "replay", "--all") == {"replayed": 0}
+    assert ok(app, "replay", "--all") == "replayed 5, refused 0\n"
+    assert ok(app, "replay", "--all") == "replayed 0, refused 0\n"
+    assert as_json(app, "replay", "--all") == {"replayed": 0, "refused": 0, "refusals": []}
     assert (count(app, "Ping"), count(app, "Pang")) == (pings_before + 5, pangs_before + 2)
     assert dlq(app) == []
 
@@ -232,3 +236,159 @@ def test_purge_by_service_removes_only_that_services_entries(rejects: Rejects) -
     assert ok(app, "purge", "--service", "other") == "purged 0 entries\n"
     assert ok(app, "purge") == "purged 5 entries\n"
     assert dlq(app) == []
+
+
+# ---- replay trusts no entry -------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def on_broker(app: App, work: Callable[[Any], Awaitable[T]]) -> T:
+    """``work(js)`` on a short-lived connection to the app's server."""
+
+    async def run() -> T:
+        nc = await nats.connect(app.url, connect_timeout=5, allow_reconnect=False)
+        try:
+            return await work(nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def plant(app: App, service: str, body: bytes, headers: dict[str, str]) -> int:
+    """Store an entry on ``service``'s dead-letter subject, as anyone allowed to publish there could; its id."""
+
+    async def work(js: Any) -> int:
+        return int((await js.publish(f"dlq{app.prefix}.{service}", body, headers=headers)).seq)
+
+    return on_broker(app, work)
+
+
+def stored(app: App, event_type: str) -> list[Any]:
+    """Every message on the subject of ``event_type``, raw (body and headers as stored), in stream order."""
+
+    async def work(js: Any) -> list[Any]:
+        out: list[Any] = []
+        seq = 1
+        while True:
+            try:
+                msg = await js.get_msg(app.stream, seq=seq, next=True, subject=app.subject(event_type))
+            except nats.js.errors.NotFoundError:
+                return out
+            out.append(msg)
+            seq = int(msg.seq) + 1
+
+    return on_broker(app, work)
+
+
+def delete_original(app: App, seq: int) -> None:
+    async def work(js: Any) -> None:
+        await js.delete_msg(app.stream, seq)
+
+    on_broker(app, work)
+
+
+def refused_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """A replay that refused something: exit 1, no traceback; its refusal lines (stderr, logs aside)."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("jetpool: dlq replay: ")]
+
+
+def test_replay_publishes_the_original_from_its_stream_not_the_entrys_body(rejects: Rejects) -> None:
+    app = rejects.app
+    rejects.run.kill_tree()
+    genuine = next(e for e in dlq(app, "other"))
+    # Same claims, another body: replay must go by the stream, not by what an entry carries.
+    tampered = plant(app, "other", b'{"forged": true}', {**genuine.headers, MSG_ID_HEADER: "tampered"})
+    before = [m.data for m in stored(app, "Pang")]
+
+    assert ok(app, "replay", str(genuine.id)) == "replayed 1, refused 0\n"
+    assert ok(app, "replay", str(tampered)) == "replayed 1, refused 0\n"
+    after = stored(app, "Pang")
+    assert [m.data for m in after] == [*before, genuine.body, genuine.body]
+    assert [m.headers[MSG_ID_HEADER] for m in after[-2:]] == [f"replay.DLQ{app.stream}.{genuine.id}",
+                                                              f"replay.DLQ{app.stream}.{tampered}"]
+    assert {e.id for e in dlq(app)}.isdisjoint({genuine.id, tampered})
+
+
+def test_an_entry_whose_original_is_gone_needs_from_entry_and_a_truncated_one_is_never_replayed(
+        rejects: Rejects) -> None:
+    app = rejects.app
+    rejects.run.kill_tree()
+    entry = next(e for e in dlq(app, "echo") if e.body == rejects.echo[1].encode())
+    assert entry.stream_seq is not None
+    delete_original(app, entry.stream_seq)  # as max_age or a purge would
+    cut = plant(app, "echo", entry.body[:20], {**entry.headers, MSG_ID_HEADER: "cut",
+                                               H + "Body-Truncated": str(len(entry.body))})
+    pings_before = count(app, "Ping")
+
+    refused = jetpool_dlq(app, "replay", str(entry.id))
+    assert refused_lines(refused) == [
+        f"jetpool: dlq replay: entry {entry.id} refused: its original ({app.stream} #{entry.stream_seq}) is gone "
+        "from the stream; --from-entry replays the body the entry stored instead"]
+    assert refused.stdout == "replayed 0, refused 1\n"
+
+    never = jetpool_dlq(app, "replay", str(cut), "--from-entry", "--json")
+    assert never.returncode == 1, never.stderr
+    assert json.loads(never.stdout) == {"replayed": 0, "refused": 1, "refusals": [{"id": cut, "reason": (
+        f"its original ({app.stream} #{entry.stream_seq}) is gone and the entry keeps only part of the body "
+        f"('{len(entry.body)}' bytes originally): it cannot be replayed")}]}
+    assert count(app, "Ping") == pings_before
+    assert {entry.id, cut} <= {e.id for e in dlq(app)}  # refused entries stay
+
+    assert ok(app, "replay", str(entry.id), "--from-entry") == "replayed 1, refused 0\n"
+    assert stored(app, "Ping")[-1].data == entry.body
+    assert entry.id not in {e.id for e in dlq(app)} and cut in {e.id for e in dlq(app)}
+
+
+def test_control_headers_of_the_original_are_not_resent(make_config: Callable[..., App], engine: StartEngine) -> None:
+    app = with_dlq(make_config({"echo": {"routes": {"Ping": f"{FAILING}:poison_aware"}}}))
+    run = engine(app)
+    rejected = pings(1, reject=True)[0]
+    control = {"Nats-Expected-Stream": app.stream, "Nats-Expected-Last-Subject-Sequence": "0"}
+
+    async def produce(js: Any) -> None:
+        await js.publish(app.subject("Ping"), rejected.encode(),
+                         headers={MSG_ID_HEADER: rejected.id, "X-Tenant": "t-1", **control})
+
+    on_broker(app, produce)
+    wait_for(lambda: len(dlq(app)) == 1, 60, "the rejected Ping's DLQ entry", detail=run.tail)
+    run.kill_tree()
+    [entry] = dlq(app)
+
+    # Resent as they were, both headers would have the replay refused by the stream (the subject is not empty).
+    assert ok(app, "replay", str(entry.id)) == "replayed 1, refused 0\n"
+    replayed = stored(app, "Ping")[-1]
+    assert replayed.data == rejected.encode()
+    assert replayed.headers == {"X-Tenant": "t-1", MSG_ID_HEADER: f"replay.DLQ{app.stream}.{entry.id}"}
+
+
+DEEP = b"[" * 600 + b"]" * 600  # orjson reads it (up to 1024 levels) but writes at most 255
+
+
+def test_show_list_and_replay_of_entries_no_writer_made_never_crash(make_config: Callable[..., App]) -> None:
+    app = with_dlq(make_config())
+    provisioned = run_cli(["provision", "-c", str(app.path)])
+    assert provisioned.returncode == 0, provisioned.stderr
+    deep = plant(app, "echo", DEEP, {H + "Service": "echo", H + "Subject": app.subject("Ping")})
+    odd = plant(app, "echo", NOT_UTF8, {H + "Service": "echo", H + "Subject": app.subject("Ping"),
+                                        H + "Stream": app.stream, H + "Stream-Seq": "NaN", H + "Attempts": "x"})
+    bare = plant(app, "echo", b"", {"X-Nothing": "1"})
+
+    shown = ok(app, "show", str(deep))
+    assert shown.endswith(f"body:          {len(DEEP)} bytes, text\n  {DEEP.decode()}\n")
+    assert as_json(app, "show", str(deep))["body"] == DEEP.decode()
+    assert [e["body"] for e in as_json(app, "list")] == [DEEP.decode(), NOT_UTF8.decode("utf-8", "replace"), ""]
+    assert "stream seq:    -\n" in ok(app, "show", str(odd))
+    assert len(rows(ok(app, "list"))) == 3
+
+    replayed = jetpool_dlq(app, "replay", "--all", "--from-entry")
+    prefix = "jetpool: dlq replay: entry"
+    assert refused_lines(replayed) == [
+        f"{prefix} {deep} refused: names stream '', but echo consumes stream '{app.stream}'",
+        f"{prefix} {odd} refused: names no valid original sequence ({H}Stream-Seq: 'NaN')",
+        f"{prefix} {bare} refused: names no service (no {H}Service header)"]
+    assert replayed.stdout == "replayed 0, refused 3\n"
+    assert [e.id for e in dlq(app)] == [deep, odd, bare] and count(app, "Ping") == 0

@@ -21,7 +21,7 @@ import yaml
 
 from engine import advisories
 from engine.config import load_config
-from engine.deadletter import Entry, list_entries
+from engine.dlq import Entry, list_entries
 from tests.integration.test_observability import get, port_of, total, with_http
 from tests.support import (
     App,

@@ -20,8 +20,8 @@ import nats
 import pytest
 
 from engine.config import load_config
-from engine.deadletter import list_entries
 from engine.demo import dead_lettered_orders
+from engine.dlq import list_entries
 from engine.embedded import EmbeddedServer
 from engine.events import Event
 from engine.state import KVState
