@@ -2,25 +2,25 @@
 
 Why not ``PullSubscription.fetch``: it is a request/response per batch (pull, wait for the whole batch,
 process, pull again), so the pipe empties between batches. Here pull requests are plain publishes to
-``$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>`` with one inbox subscription as reply; the worker
-keeps ``credit`` (messages asked for but not yet received) and asks for more whenever the free part of
-its window reaches half a batch, so messages keep flowing while earlier ones are handled.
+``$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>`` with one inbox subscription as reply, and
+:class:`engine.window.Window` says how much to ask for and when, so messages keep flowing while
+earlier ones are handled.
 
-Invariants:
+The consumer decides nothing about a delivery's fate: :mod:`engine.outcome` does (``decide`` once
+per delivery, ``sweep`` at each housekeeping tick). It applies the answer through one path,
+:meth:`Consumer._settle`, the only code that writes settlement bytes (``+ACK``, ``-NAK``, ``+TERM``,
+``+WPI``) — so every delivered message is settled exactly once.
 
-- ``len(in_flight) + credit <= max_in_flight``: nothing is fetched that could not start at once, so
-  no message waits in a local buffer while its ack_wait runs out;
-- every delivered message is settled exactly once: acked after its outputs' PubAcks, or nakked /
-  termed by the rules in :mod:`engine.outcome`, or nakked (released) when a drain ends;
-- a pull that went silent is noticed: the server sends idle heartbeats while a request waits; when
-  neither a message nor a heartbeat arrived for two heartbeat intervals, the credit is dropped and
-  the worker pulls again (also right after a reconnect, since requests die with the connection).
+A pull that went silent is noticed: the server sends idle heartbeats while a request waits; when
+neither a message nor a heartbeat arrived for two heartbeat intervals, the credit is dropped and the
+worker pulls again (also right after a reconnect, since requests die with the connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -30,72 +30,73 @@ import structlog
 from opentelemetry import trace
 
 from engine import eager, inbox, tracing
-from engine.breaker import Breaker, BreakerOpen
+from engine.breaker import Breaker
 from engine.config import Config
 from engine.deadletter import DeadLetters
 from engine.dispatch import Context, Router, ack_metadata, bind_outputs
-from engine.errors import HandlerTimeout, MalformedEvent
+from engine.errors import MalformedEvent
 from engine.events import TRACEPARENT_HEADER, Event, check_subject
 from engine.metrics import RouteMetrics
 from engine.outbox import Outbox
-from engine.outcome import Action, Outcome, RetryPolicy, decide
+from engine.outcome import ACKED, CANCEL, Action, Outcome, RetryPolicy, arrived, decide, sweep, unstored
 from engine.publisher import Publisher
+from engine.window import Window
 
 log = structlog.get_logger("jetpool.consumer")
 
-ACK = b"+ACK"
-NAK = b"-NAK"
-TERM = b"+TERM"
-IN_PROGRESS = b"+WPI"
 _NS = 1_000_000_000
 _DRAIN_POLL_S = 0.02
 _MISSES_UNHEALTHY = 3
+_ACK = b"+ACK"
+_WIRE = {Action.ACK: _ACK, Action.NAK: b"-NAK", Action.TERM: b"+TERM", Action.RELEASE: b"-NAK",
+         Action.PROGRESS: b"+WPI"}
+
+
+def wire(outcome: Outcome) -> bytes:
+    """The bytes that tell the server ``outcome`` (a nak with a delay carries it)."""
+    if outcome.action is Action.NAK and outcome.delay_s > 0:
+        return b"-NAK " + orjson.dumps({"delay": int(outcome.delay_s * _NS)})
+    return _WIRE[outcome.action]
+
+
+class Stage(enum.Enum):
+    """Where a delivery is in its life; it moves forward only, except a parked one that runs again."""
+
+    HANDLING = "handling"  # the handler runs
+    TIMED_OUT = "timed_out"  # the handler was cancelled for running too long; its failure is being settled
+    PUBLISHING = "publishing"  # the handler returned; its outputs wait for their PubAcks
+    PARKED = "parked"  # a breaker refused the call; kept in progress until it may run again
+    SETTLED = "settled"  # acked, nakked, termed or released: nothing more is sent for it
+
+
+_SETTLED, _TIMED_OUT = Stage.SETTLED, Stage.TIMED_OUT  # read on the hot path
+
 
 class _Delivery:
     """One delivered message from receipt to settlement; also the waiter of its outputs' PubAcks."""
 
-    __slots__ = (
-        "consumer",
-        "error",
-        "event",
-        "handled",
-        "msg",
-        "parked",
-        "progress_at",
-        "reply",
-        "settled",
-        "started",
-        "task",
-        "timed_out",
-        "waiting",
-    )
+    __slots__ = ("attempt", "consumer", "error", "event", "msg", "progress_at", "reply", "stage", "started",
+                 "task", "waiting")
 
-    def __init__(self, consumer: Consumer, msg: Any, now: float) -> None:
+    def __init__(self, consumer: Consumer, msg: Any, attempt: int, now: float) -> None:
         self.consumer = consumer
         self.msg = msg
         self.reply: str = msg.reply
+        self.attempt = attempt
         self.event: Event | None = None
         self.task: asyncio.Task[None] | None = None
+        self.stage = Stage.HANDLING
         self.started = now
         self.progress_at = now
-        self.handled = False
-        self.timed_out = False
-        self.settled = False
         self.waiting = 0
         self.error: Exception | None = None
-        self.parked = False
 
     async def on_puback(self, error: Exception | None) -> None:
         if error is not None and self.error is None:
             self.error = error
         self.waiting -= 1
         if self.waiting == 0:
-            if self.error is None:
-                await self.consumer._finish(self)
-            else:
-                # Settling a failure may publish (a dead letter) and wait for *its* PubAck, which only
-                # the PubAck subscription calling us can deliver: settle from a task, never inline.
-                self.consumer._settle_later(self, self.error)
+            await self.consumer.outputs_done(self)
 
 
 class Consumer:
@@ -108,7 +109,8 @@ class Consumer:
         router: the service's routes.
         publisher: the worker's publisher, for handler outputs.
         worker: the worker's index, for logs and handler context.
-        resources: per-worker objects handlers reach through ``ctx.resource(name)``.
+        resources: per-worker objects handlers reach through ``ctx.resource(name)``; the
+            :class:`~engine.breaker.Breaker` among them gate pulling while one is open.
         dead_letters: the dead-letter writer; without one, dead-lettered messages are only termed.
     """
 
@@ -127,8 +129,10 @@ class Consumer:
         self._svc = svc
         self._max_event_bytes = svc.max_event_bytes
         self._settings = svc.settings
+        self._max_deliver = svc.max_deliver
+        self._timeout_s = svc.handler_timeout_s
         self._policy = RetryPolicy(svc.retry.base_s, svc.retry.max_s, tuple(svc.retry.delays_s or ()))
-        self._breakers: list[Breaker] = [r for k, r in self._resources.items() if k.startswith("breaker:")]
+        self._breakers: list[Breaker] = [r for r in self._resources.values() if isinstance(r, Breaker)]
         self._parked: list[_Delivery] = []
         self._trial: _Delivery | None = None
         self._settling: set[asyncio.Task[None]] = set()
@@ -138,13 +142,9 @@ class Consumer:
         # "$JS.ACK.[<domain>.<account>.]<stream>.<durable>.<num_delivered>....": what precedes the count.
         self._ack_key = f".{svc.stream}.{config.durable(service)}."
         self._inbox: str = nc.new_inbox()
-        self._window = svc.max_in_flight
-        self._batch = min(svc.batch, svc.max_in_flight)
-        self._threshold = max(1, self._batch // 2)
-        self._expires_ns = int(svc.pull_expires_s * _NS)
-        self._heartbeat_ns = int(svc.idle_heartbeat_s * _NS)
+        self._window = Window(svc.max_in_flight, svc.batch)
+        self._pull_body = {"expires": int(svc.pull_expires_s * _NS), "idle_heartbeat": int(svc.idle_heartbeat_s * _NS)}
         self._tick_s = min(1.0, svc.idle_heartbeat_s / 2, svc.ack_wait_s / 6, svc.handler_timeout_s / 4)
-        self._credit = 0
         self._missed_in_row = 0
         self._last_status: tuple[str | None, str | None] | None = None
         self._in_flight: dict[str, _Delivery] = {}
@@ -176,18 +176,19 @@ class Consumer:
         # Parked deliveries wait for a breaker, not for a handler: hand them back now, not at the deadline.
         parked, self._parked = self._parked, []
         for delivery in parked:
-            await self._release(delivery)
+            await self._conclude(delivery, asyncio.CancelledError())
         deadline = self._loop.time() + drain_timeout_s
         while self._in_flight and self._loop.time() < deadline:
             await asyncio.sleep(_DRAIN_POLL_S)
         leftover = list(self._in_flight.values())
         tasks = [d.task for d in leftover if d.task is not None and not d.task.done()]
         for task in tasks:
-            task.cancel()  # handler still running: _on_cancelled releases it
+            task.cancel()  # handler still running: its cancellation is concluded (released) by _handle
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for delivery in list(self._in_flight.values()):
-            await self._release(delivery)  # outputs not yet confirmed: redelivery re-publishes them
+            # Outputs not yet confirmed: released, and the redelivery re-publishes them.
+            await self._conclude(delivery, asyncio.CancelledError())
         if self._ticker:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -198,7 +199,7 @@ class Consumer:
 
     def on_reconnect(self) -> None:
         """Pull requests die with the old connection: forget their credit and pull again."""
-        self._credit = 0
+        self._window.lost()
         self._last_seen = self._loop.time()
         self._loop.create_task(self._pull())
 
@@ -225,24 +226,31 @@ class Consumer:
         if not reply:
             await self._on_status(msg)
             return
-        self._credit -= 1
+        self._window.delivered()
         self._last_status = None  # a delivery: the pull was answered
-        if self._stopping:
-            # Never started: hand it straight back so another worker can take it.
-            await self._out.publish(reply, NAK)
-            self._counts["released"] += 1
-            self._metrics.outcome("-", "released")
+        if (unstarted := arrived(self._stopping)) is not None:
+            await self._send(reply, unstarted)  # hand it straight back so another worker can take it
+            self._counts[unstarted.label] += 1
+            self._metrics.outcome("-", unstarted.label)
             return
-        delivery = _Delivery(self, msg, self._last_seen)
-        self._in_flight[reply] = delivery
-        at = reply.find(self._ack_key)
-        if at > 0 and not reply.startswith("1.", at + len(self._ack_key)):
+        attempt = self._attempt(reply)
+        if attempt > 1:
             self._metrics.redelivered += 1
+        delivery = _Delivery(self, msg, attempt, self._last_seen)
+        self._in_flight[reply] = delivery
         finished, _, task = eager.start(self._handle(delivery))
         if not finished:
             delivery.task = task
-        if self._window - len(self._in_flight) - self._credit >= self._threshold:
+        if self._window.room(len(self._in_flight)):
             await self._pull()
+
+    def _attempt(self, reply: str) -> int:
+        """The delivery count in a ``$JS.ACK`` subject (the token after ``<stream>.<durable>``)."""
+        start = reply.find(self._ack_key) + len(self._ack_key)
+        end = reply.find(".", start)
+        if start < len(self._ack_key) or end < 0:
+            return ack_metadata(reply)[0]
+        return int(reply[start:end])
 
     async def _on_status(self, msg: Any) -> None:
         headers = msg.headers or {}
@@ -250,11 +258,7 @@ class Consumer:
         if code == "100":
             self._last_status = None
             return  # idle heartbeat: the pull is alive
-        pending = headers.get("Nats-Pending-Messages")
-        if code in ("408", "409") and pending is not None:
-            self._credit = max(0, self._credit - int(pending))
-        else:
-            self._credit = 0
+        self._window.ended(code, headers.get("Nats-Pending-Messages"))
         if code == "408":
             self._last_status = None  # a pull that ran its course: the consumer is there
             await self._pull()
@@ -267,16 +271,7 @@ class Consumer:
                 log.warning("pull.status", service=self.service, status=code, description=status[1])
 
     async def _pull(self) -> None:
-        """Ask for as many messages as fit the free part of the window, a batch per request."""
-        # Deliveries for requests already written off (missed heartbeats) can push credit below zero.
-        self._credit = max(self._credit, 0)
-        while size := self._pull_size():
-            self._credit += size
-            body = orjson.dumps({"batch": size, "expires": self._expires_ns, "idle_heartbeat": self._heartbeat_ns})
-            await self._out.publish(self._next_subject, body, reply=self._inbox)
-
-    def _pull_size(self) -> int:
-        """How many messages to ask for now: the free window in batches, one trial, or none.
+        """Ask for as many messages as fit the free part of the window, a batch per request.
 
         While a breaker is not closed, parked deliveries are its trials and nothing is pulled. Once
         they are all settled some other way (their retry failed before reaching the breaker, or
@@ -285,17 +280,25 @@ class Consumer:
         its handler's call is the trial; without that, the consumer would never pull again.
         """
         if self._stopping or self._parked or not self._nc.is_connected:
-            return 0
+            return
+        window = self._window
         if not self.breakers_closed:
             due = not any(b.is_open for b in self._breakers)
-            return 1 if due and not self._in_flight and not self._credit else 0
-        want = self._window - len(self._in_flight) - self._credit
-        return min(want, self._batch) if want >= self._threshold else 0
+            if due and not self._in_flight:
+                await self._request(window.trial())
+            return
+        while size := window.next_pull(len(self._in_flight)):
+            await self._request(size)
+
+    async def _request(self, size: int) -> None:
+        if size:
+            await self._out.publish(self._next_subject, orjson.dumps({"batch": size, **self._pull_body}),
+                                    reply=self._inbox)
 
     # ---- processing ------------------------------------------------------------------------------
 
     async def _handle(self, d: _Delivery) -> None:
-        """Decode, run the handler, publish its outputs; the last PubAck (or none) finishes it."""
+        """Decode, run the handler, publish its outputs; the last PubAck (or none) concludes it."""
         msg = d.msg
         try:
             if len(msg.data) > self._max_event_bytes:
@@ -313,17 +316,17 @@ class Consumer:
                 if outputs and (traceparent := inbox.header(msg, TRACEPARENT_HEADER)):
                     for output in outputs:
                         output.traceparent = traceparent
-            d.handled = True
             self._metrics.duration(event.type, self._loop.time() - d.started)
             if outputs:
+                d.stage = Stage.PUBLISHING
                 d.waiting = len(outputs)
                 await self._publisher.send_events(outputs, d)
             else:
-                await self._finish(d)
-        except asyncio.CancelledError:
-            await self._on_cancelled(d)
+                await self._conclude(d, None)
+        except asyncio.CancelledError as exc:
+            await self._conclude(d, exc)
         except Exception as exc:
-            await self._fail(d, exc)
+            await self._conclude(d, exc)
 
     async def _traced_dispatch(self, d: _Delivery, event: Event, ctx: Context) -> list[Event]:
         span = tracing.start_span(event, d.msg.headers, self.service, ack_metadata(d.reply)[1])
@@ -339,73 +342,63 @@ class Consumer:
         tracing.end_span(span)
         return outputs
 
-    async def _finish(self, d: _Delivery) -> None:
-        """Handler done and every output stored: ack (or settle the publish failure)."""
-        if d.error is not None:
-            await self._fail(d, d.error)
-            return
-        if d.settled:
-            return
-        d.settled = True
-        if not self._out.write(d.reply, ACK):
-            await self._out.publish(d.reply, ACK)
-        self._acked += 1  # what _tally does, without its two Counters: acks are nearly every outcome
-        self._metrics.acked(d.event.type if d.event is not None else "-")
-        if self._forget(d):
-            await self._pull()
-
-    def _settle_later(self, d: _Delivery, exc: BaseException) -> None:
-        task = self._loop.create_task(self._fail(d, exc))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-
-    async def _on_cancelled(self, d: _Delivery) -> None:
-        if d.timed_out:
-            await self._fail(d, HandlerTimeout(f"handler ran longer than {self._svc.handler_timeout_s}s"))
+    async def outputs_done(self, d: _Delivery) -> None:
+        """The last output's PubAck (or failure) arrived: conclude the delivery."""
+        if d.error is None:
+            await self._conclude(d, None)
         else:
-            await self._release(d)
+            # Concluding a failure may publish (a dead letter) and wait for *its* PubAck, which only
+            # the PubAck subscription calling us can deliver: conclude from a task, never inline.
+            task = self._loop.create_task(self._conclude(d, d.error))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
-    async def _release(self, d: _Delivery) -> None:
-        """Drain: hand the message back at once so another worker can take it."""
-        if d.settled:
+    async def _conclude(self, d: _Delivery, exc: BaseException | None) -> None:
+        """Ask :func:`engine.outcome.decide` what ``exc`` means for ``d``, and apply it."""
+        if d.stage is _SETTLED:
             return
-        d.settled = True
-        await self._out.publish(d.reply, NAK)
-        self._tally(d, "released")
-        if self._forget(d):
-            await self._pull()
-
-    async def _fail(self, d: _Delivery, exc: BaseException) -> None:
-        if d.settled:
+        outcome = decide(exc, d.attempt, self._max_deliver, self._policy, stopping=self._stopping,
+                         timed_out_after_s=self._timeout_s if d.stage is _TIMED_OUT else None)
+        if outcome is ACKED:
+            await self._settle(d, outcome)
             return
-        if isinstance(exc, BreakerOpen):
-            if self._stopping:
-                await self._release(d)  # a trial refused while draining: nothing will resume it here
-            else:
-                self._park(d)
+        if outcome.action is Action.PARK:
+            self._park(d)
             return
-        d.settled = True
-        attempt = ack_metadata(d.reply)[0]
-        outcome = decide(exc, attempt, self._svc.max_deliver, self._policy)
-        if outcome.dead_letter and not await self._write_dead_letter(d, outcome, attempt):
-            outcome = Outcome(Action.NAK, delay_s=self._policy.delay_s(attempt), reason=outcome.reason)
+        if outcome.dead_letter and not await self._write_dead_letter(d, outcome):
+            outcome = unstored(outcome, d.attempt, self._policy)
         elif outcome.action is Action.NAK and self._dead_letters is not None:
             await self._dead_letters.note_failure(d.reply, self.service)
-        await self._out.publish(d.reply, _settlement(outcome))
-        self._tally(d, outcome.label)
-        event = d.event
-        log.warning("event.failed", service=self.service, worker=self._worker, outcome=outcome.label,
-                    attempt=attempt, delay_s=round(outcome.delay_s, 3), reason=outcome.reason,
-                    stream_seq=ack_metadata(d.reply)[1], **_event_fields(event))
+        await self._settle(d, outcome)
+
+    async def _settle(self, d: _Delivery, outcome: Outcome) -> None:
+        """The one path that ends a delivery: send the outcome, count it, free its slot."""
+        d.stage = _SETTLED
+        await self._send(d.reply, outcome)
+        if outcome is ACKED:
+            self._acked += 1  # what _tally does, without its two Counters: acks are nearly every outcome
+            self._metrics.acked(d.event.type if d.event is not None else "-")
+        else:
+            self._tally(d, outcome.label)
+            if outcome.action is not Action.RELEASE:
+                log.warning("event.failed", service=self.service, worker=self._worker, outcome=outcome.label,
+                            attempt=d.attempt, delay_s=round(outcome.delay_s, 3), reason=outcome.reason,
+                            stream_seq=ack_metadata(d.reply)[1], **_event_fields(d.event))
         if self._forget(d):
             await self._pull()
 
-    async def _write_dead_letter(self, d: _Delivery, outcome: Outcome, attempt: int) -> bool:
-        """Store the entry before terming; if the DLQ cannot be written, keep the message (nak)."""
+    async def _send(self, reply: str, outcome: Outcome) -> None:
+        """Write ``outcome``'s bytes to the delivery's ack subject (the only settlement write)."""
+        payload = _ACK if outcome is ACKED else wire(outcome)
+        if not self._out.write(reply, payload):
+            await self._out.publish(reply, payload)
+
+    async def _write_dead_letter(self, d: _Delivery, outcome: Outcome) -> bool:
+        """Store the entry before terming; False if the DLQ cannot be written (the message is kept)."""
         if self._dead_letters is None:
             return True
         try:
-            await self._dead_letters.write(d.msg, d.event, outcome, attempt, self.service)
+            await self._dead_letters.write(d.msg, d.event, outcome, d.attempt, self.service)
         except Exception as exc:
             log.error("dlq.write_failed", service=self.service, error=repr(exc))
             return False
@@ -415,7 +408,7 @@ class Consumer:
 
     def _park(self, d: _Delivery) -> None:
         """A breaker refused the call: keep the delivery (in progress) until the breaker recovers."""
-        d.parked = True
+        d.stage = Stage.PARKED
         d.task = None
         if d is self._trial:
             self._trial = None
@@ -437,7 +430,7 @@ class Consumer:
             batch = [self._trial]
         now = self._loop.time()
         for d in batch:
-            d.parked = d.handled = d.timed_out = False
+            d.stage = Stage.HANDLING
             d.started = now
             finished, _, task = eager.start(self._handle(d))
             if not finished:
@@ -445,7 +438,7 @@ class Consumer:
 
     @property
     def counts(self) -> Counter[str]:
-        """How many deliveries ended how (ack, nak, term, released, parked...), since start."""
+        """How many deliveries ended how (ack, retry, dead_letter, released, parked...), since start."""
         counts = Counter(self._counts)
         if self._acked:
             counts["ack"] += self._acked
@@ -463,7 +456,7 @@ class Consumer:
         if d is self._trial:
             self._trial = None
             self._resume_parked()
-        return not self._stopping and self._window - len(self._in_flight) - self._credit >= self._threshold
+        return not self._stopping and self._window.room(len(self._in_flight))
 
     # ---- housekeeping ----------------------------------------------------------------------------
 
@@ -478,30 +471,32 @@ class Consumer:
     async def _tick(self) -> None:
         now = self._loop.time()
         self._metrics.flush(len(self._in_flight), {b.name: b.state for b in self._breakers})
-        await self._watch_handlers(now)
+        await self._sweep(now)
         silent_s = now - self._last_seen
-        if self._credit > 0 and silent_s > 2 * self._svc.idle_heartbeat_s:
+        if self._window.credit > 0 and silent_s > 2 * self._svc.idle_heartbeat_s:
             log.warning("pull.heartbeat_missed", service=self.service, silent_s=round(silent_s, 1))
             self._counts["heartbeats_missed"] += 1
             self._missed_in_row += 1
-            self._credit = 0
+            self._window.lost()
             self._last_seen = now
         if not self._stopping:
             self._resume_parked()
             await self._pull()
 
-    async def _watch_handlers(self, now: float) -> None:
+    async def _sweep(self, now: float) -> None:
         """Cancel overdue handlers; tell the server slow-but-healthy deliveries are still in progress."""
-        progress_every_s = self._svc.ack_wait_s / 3
+        svc = self._svc
         for d in list(self._in_flight.values()):
-            if d.settled or d.timed_out:
+            if d.stage in (Stage.SETTLED, Stage.TIMED_OUT):
                 continue
-            if not d.handled and not d.parked and d.task is not None and now - d.started > self._svc.handler_timeout_s:
-                d.timed_out = True
-                d.task.cancel()
-            elif now - d.progress_at > progress_every_s:
+            running = d.stage is Stage.HANDLING and d.task is not None
+            due = sweep(now - d.started, now - d.progress_at, svc.handler_timeout_s, svc.ack_wait_s, running)
+            if due == CANCEL and d.task is not None:
+                d.stage = Stage.TIMED_OUT
+                d.task.cancel()  # the handler sees CancelledError; decide() makes it this timeout's failure
+            elif isinstance(due, Outcome):
                 d.progress_at = now
-                await self._out.publish(d.reply, IN_PROGRESS)
+                await self._send(d.reply, due)
 
 
 def _event_fields(event: Event | None) -> dict[str, str | None]:
@@ -510,13 +505,3 @@ def _event_fields(event: Event | None) -> dict[str, str | None]:
         return {"event_id": None, "event_type": None}
     return {"event_id": event.id, "event_type": event.type, "aggregate_id": event.aggregate_id,
             "trace_id": event.trace_id}
-
-
-def _settlement(outcome: Outcome) -> bytes:
-    if outcome.action is Action.ACK:
-        return ACK
-    if outcome.action is Action.TERM:
-        return TERM
-    if outcome.delay_s > 0:
-        return NAK + b" " + orjson.dumps({"delay": int(outcome.delay_s * _NS)})
-    return NAK
