@@ -92,6 +92,11 @@ def new_trace_id() -> str:
     return _trace_pool.pop()
 
 
+def trace_id_of(event_id: str) -> str:
+    """The W3C trace id of an event that came without one: 32 hex digits derived from its id."""
+    return hashlib.blake2b(event_id.encode(), digest_size=16, person=b"jetpool-trace").hexdigest()
+
+
 def derived_id(source: bytes | str, position: int) -> str:
     """The id of output ``position`` of an input: its body as received (or, for an event built in
     code, its id). Same input, same output ids; a different body under the same id, other ids."""
@@ -209,8 +214,10 @@ class Event:
                 and (correlation_id is None or type(correlation_id) is str) and type(v) is int):
             _check_fields(obj)
         if not (timestamp and trace_id):
-            return cls(type_, data, aggregate_id, id_, timestamp, trace_id, causation_id, correlation_id, v,
-                       raw=body)
+            # A producer that sent no trace id gets one derived from the event id: every attempt of the
+            # event (and everything it causes) lands in one trace, not a new random one per delivery.
+            return cls(type_, data, aggregate_id, id_, timestamp, trace_id or trace_id_of(id_), causation_id,
+                       correlation_id, v, raw=body)
         # Every field is given: skip __init__ and __post_init__, which would only copy and check (hot path).
         event: Event = _new(cls)
         event.type, event.data, event.aggregate_id, event.id = type_, data, aggregate_id, id_

@@ -20,6 +20,7 @@ from engine.events import (
     json_depth,
     new_id,
     new_trace_id,
+    trace_id_of,
 )
 
 
@@ -133,3 +134,12 @@ def test_two_different_events_claiming_one_id_get_different_output_ids() -> None
     ids = [Event("Pong").caused_by(parent, 0).id for parent in (first, again, other)]
     assert ids[0] == ids[1] != ids[2]
     assert Event("Pong").caused_by(Event("Ping", id="built"), 0).id == derived_id("built", 0)
+
+
+def test_an_event_without_a_trace_id_gets_the_same_one_on_every_delivery() -> None:
+    body = b'{"id": "no-trace-1", "type": "Ping", "data": {}}'
+    attempts = [Event.decode(body).trace_id for _ in range(3)]
+    assert attempts[0] == attempts[1] == attempts[2] == trace_id_of("no-trace-1")
+    assert re.fullmatch(r"[0-9a-f]{32}", attempts[0]) and attempts[0] != trace_id_of("no-trace-2")
+    given = Event.decode(b'{"id": "t", "type": "Ping", "data": {}, "trace_id": "' + b"a" * 32 + b'"}')
+    assert given.trace_id == "a" * 32
