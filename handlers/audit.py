@@ -2,7 +2,9 @@
 
 A redelivered or duplicated event is inserted again and ignored by the store (same event id).
 
-Settings: ``db_path`` (``.jetpool/audit.sqlite``) — the SQLite file.
+The store is the ``audit`` schema of the shop's PostgreSQL (:mod:`handlers.database`: the database
+``JETPOOL_SHOP_DATABASE_URL`` names, or the embedded one the shop's commands start). Settings: none
+needed; ``db_path`` (a SQLite file) keeps the trail in that file instead, for a single machine.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine import Context, Event
-from handlers.audit_store import AuditRecord, SqliteAuditStore, open_store
+from handlers.audit_store import AuditRecord, AuditStore, open_store, shared_store
 
-DEFAULT_DB_PATH = ".jetpool/audit.sqlite"
+DEFAULT_DB_PATH = ".jetpool/audit.sqlite"  # the SQLite file's usual place, for a config that wants one
 
 
 async def record(event: Event, ctx: Context) -> None:
     """Any event → a row in the audit store; publishes nothing."""
-    await store_for(ctx.settings).add(AuditRecord.from_event(event, ctx.stream_seq))
+    store = await store_for(ctx.settings)
+    await store.add(AuditRecord.from_event(event, ctx.stream_seq))
 
 
-def store_for(settings: Mapping[str, Any]) -> SqliteAuditStore:
-    """The audit store the service's settings name."""
-    return open_store(str(settings.get("db_path", DEFAULT_DB_PATH)))
+async def store_for(settings: Mapping[str, Any]) -> AuditStore:
+    """The audit store the service's settings name: this process's PostgreSQL store, or a SQLite file."""
+    if "db_path" in settings:
+        return open_store(str(settings["db_path"]))
+    return await shared_store()
 
 
 def describe(record: AuditRecord) -> str:

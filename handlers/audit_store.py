@@ -1,26 +1,31 @@
-"""The audit store: every event once, by event id, queryable per order. One small interface, SQLite inside.
+"""The audit store: every event once, by event id, queryable per order. One small interface, PostgreSQL inside.
 
-:class:`AuditStore` is what the audit handler and ``jetpool audit`` need; :class:`SqliteAuditStore`
-implements it on an embedded SQLite file (WAL mode, so several audit workers and a reader can share
-it). A PostgreSQL store for many replicas would implement the same five methods.
+:class:`AuditStore` is what the audit handler and ``jetpool audit`` need. :class:`PostgresAuditStore`
+is the shop's: one append-only table, ``audit.events``, keyed by event id, that any number of audit
+workers and pods write at once (``INSERT ... ON CONFLICT DO NOTHING``: a redelivered event is stored
+once). :class:`SqliteAuditStore` keeps the same trail in a local SQLite file, for a config that names
+a ``db_path``.
 
-Writes are group-committed: ``add`` queues the record and waits; one writer thread commits whatever
-queued up while the previous commit ran, in one transaction. Under load that is one commit for
-hundreds of events, and the handler still returns only after its row is stored.
+Writes are group-committed: ``add`` queues the record and waits; one writer commits whatever queued up
+while the previous commit ran, in one transaction. Under load that is one commit for hundreds of
+events, and the handler still returns only after its row is stored. A record the database refuses
+fails its own ``add`` alone: the group is then written record by record.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
 from engine.events import Event
+from handlers.database import Database, Schema, shared
 from handlers.saga import PRODUCERS
 from handlers.sqlite import open_db
 
@@ -72,9 +77,127 @@ class AuditStore(Protocol):
         """How many records (distinct events) are stored, of orders whose id starts with ``order_prefix``."""
         ...
 
-    async def clear(self) -> None:
-        """Delete every record (before a rebuild)."""
-        ...
+
+class _GroupCommit:
+    """Queue ``add`` calls and write each group that gathered with one call of ``write``.
+
+    Args:
+        write: stores a list of records in one transaction (all or none).
+    """
+
+    def __init__(self, write: Callable[[list[AuditRecord]], Awaitable[None]]) -> None:
+        self._write = write
+        self._queue: list[tuple[AuditRecord, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def add(self, record: AuditRecord) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.append((record, done))
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_queued())
+        await done
+
+    async def _write_queued(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                await self._write([record for record, _ in batch])
+            except Exception:
+                # One record the store refuses must not fail the others of its group: each alone, then.
+                for record, done in batch:
+                    await self._write_one(record, done)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _write_one(self, record: AuditRecord, done: asyncio.Future[None]) -> None:
+        try:
+            await self._write([record])
+        except Exception as exc:
+            if not done.done():
+                done.set_exception(exc)
+        else:
+            if not done.done():
+                done.set_result(None)
+
+
+AUDIT_SCHEMA = Schema("audit", (
+    """CREATE TABLE IF NOT EXISTS audit.events (
+        event_id    text PRIMARY KEY,
+        order_id    text NOT NULL,
+        type        text NOT NULL,
+        service     text NOT NULL,
+        occurred_at timestamptz NOT NULL,
+        timestamp   text NOT NULL,
+        stream_seq  bigint NOT NULL,
+        data        jsonb NOT NULL,
+        stored_at   timestamptz NOT NULL DEFAULT now());
+    CREATE INDEX IF NOT EXISTS events_order ON audit.events (order_id, occurred_at, stream_seq);
+    CREATE INDEX IF NOT EXISTS events_time ON audit.events (occurred_at);
+    COMMENT ON TABLE audit.events IS 'Every event of the shop once, by event id; append-only';""",
+))
+_PG_INSERT = """INSERT INTO audit.events (event_id, order_id, type, service, occurred_at, timestamp, stream_seq, data)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING"""
+_PG_COLUMNS = "event_id, order_id, type, service, timestamp, stream_seq, data::text"
+
+
+class PostgresAuditStore:
+    """An :class:`AuditStore` in the ``audit`` schema of the shop's PostgreSQL.
+
+    Args:
+        db: the shop's database (its pool; the ``audit`` schema is migrated here if it is not yet).
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._commits = _GroupCommit(self._insert)
+
+    @classmethod
+    async def open(cls, dsn: str) -> PostgresAuditStore:
+        """A store on a pool of its own (for a command; close it after use)."""
+        return cls(await Database.open(dsn, [AUDIT_SCHEMA], max_size=2))
+
+    async def add(self, record: AuditRecord) -> None:
+        await self._commits.add(record)
+
+    async def add_many(self, records: Sequence[AuditRecord]) -> None:
+        await self._insert(list(records))
+
+    async def timeline(self, order_id: str) -> list[AuditRecord]:
+        rows = await self.db.pool.fetch(
+            f"SELECT {_PG_COLUMNS} FROM audit.events WHERE order_id = $1 "
+            "ORDER BY occurred_at, stream_seq, event_id", order_id)
+        return [AuditRecord(r[0], r[1], r[2], r[3], r[4], int(r[5]), orjson.loads(r[6])) for r in rows]
+
+    async def count(self, order_prefix: str = "") -> int:
+        return int(await self.db.pool.fetchval(
+            "SELECT count(*) FROM audit.events WHERE starts_with(order_id, $1)", order_prefix))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def _insert(self, records: list[AuditRecord]) -> None:
+        if not records:
+            return
+        # In event id order: two writers whose groups overlap lock the same rows in the same order.
+        rows = sorted((r.event_id, r.order_id, r.type, r.service, datetime.fromisoformat(r.timestamp), r.timestamp,
+                       r.stream_seq, orjson.dumps(r.data).decode()) for r in records)
+        async with self.db.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(_PG_INSERT, rows)
+
+
+_pg_stores: dict[Database, PostgresAuditStore] = {}
+
+
+async def shared_store() -> PostgresAuditStore:
+    """This process's PostgreSQL store (on the shared pool; looked up per event, so cheap)."""
+    db = await shared([AUDIT_SCHEMA])
+    store = _pg_stores.get(db)
+    if store is None:
+        store = _pg_stores[db] = PostgresAuditStore(db)
+    return store
 
 
 _SCHEMA = """
@@ -98,16 +221,10 @@ class SqliteAuditStore:
         self._db = open_db(self.path, _SCHEMA)
         # One thread owns the connection: statements never run concurrently, nor on the event loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-sqlite")
-        self._queue: list[tuple[AuditRecord, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._commits = _GroupCommit(lambda records: self._run(self._insert, records))
 
     async def add(self, record: AuditRecord) -> None:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._queue.append((record, done))
-        if self._writer is None or self._writer.done():
-            self._writer = loop.create_task(self._write_queued())
-        await done
+        await self._commits.add(record)
 
     async def add_many(self, records: Sequence[AuditRecord]) -> None:
         await self._run(self._insert, list(records))
@@ -127,30 +244,6 @@ class SqliteAuditStore:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._db.close()
-
-    async def _write_queued(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                await self._run(self._insert, [record for record, _ in batch])
-            except Exception:
-                # One record the store refuses must not fail the others of its group: each alone, then.
-                for record, done in batch:
-                    await self._write_one(record, done)
-            else:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
-
-    async def _write_one(self, record: AuditRecord, done: asyncio.Future[None]) -> None:
-        try:
-            await self._run(self._insert, [record])
-        except Exception as exc:
-            if not done.done():
-                done.set_exception(exc)
-        else:
-            if not done.done():
-                done.set_result(None)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

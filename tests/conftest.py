@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from engine.embedded import EmbeddedServer
+from tests.shop_database import shop_dsn, shop_postgres  # noqa: F401  (the shop's PostgreSQL, session-wide)
 from tests.support import App, Engine, write_config
 
 
