@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean fastpath-latest
 
 $(BIN)/jetpool: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,22 @@ test: lint
 bench: install
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/pytest benchmarks --benchmark-only -p no:cacheprovider -s
+
+# The fast-path tests (engine/transport) against the newest nats-py the package index serves, in a
+# throwaway venv layered over this one (only nats-py differs; nats-server from this venv); not part of `make test`. A release
+# outside engine/transport/fence.py's SUPPORTED range falls back, and these tests say so: see docs/nats-py.md.
+FASTPATH_TESTS := tests/unit/test_parser.py tests/unit/test_fast_path_fence.py tests/integration/test_parser.py \
+                  tests/integration/test_inbox.py tests/integration/test_outbox.py tests/integration/test_fast_path_metric.py
+
+fastpath-latest: install
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(BIN)/python -m venv "$$tmp" && \
+	  echo "import site; site.addsitedir('$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')')" \
+	    > "$$("$$tmp/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/jetpool-venv.pth" && \
+	  "$$tmp/bin/python" -m pip install --quiet --disable-pip-version-check --ignore-installed --upgrade nats-py && \
+	  "$$tmp/bin/python" -c 'import nats; from importlib.metadata import version; from engine.transport import fence; \
+	    v = version("nats-py"); print("nats-py", v, "from", nats.__path__[0], "- fence:", fence.fallback_reason("outbox", v) or "supported")' && \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" "$$tmp/bin/python" -m pytest -p no:cacheprovider -q $(FASTPATH_TESTS)
 
 clean:
 	rm -rf $(VENV) .jetpool .pytest_cache .mypy_cache .ruff_cache

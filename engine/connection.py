@@ -31,9 +31,9 @@ import nats
 import structlog
 from nats.errors import AuthorizationError
 
-from engine import parser
 from engine.config import NatsConfig
 from engine.errors import BrokerError
+from engine.transport import install as install_fast_paths
 
 Callback = Callable[[], Awaitable[None]]
 
@@ -196,7 +196,7 @@ async def connect(cfg: NatsConfig, name: str, *, reconnected_cb: Callback | None
                           "does not use TLS; refusing an unencrypted connection")
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = cfg.max_reconnect_attempts
-    parser.install(nc)
+    install_fast_paths(nc)
     connected = True
     return nc
 

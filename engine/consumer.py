@@ -29,7 +29,7 @@ import orjson
 import structlog
 from opentelemetry import trace
 
-from engine import eager, inbox, tracing
+from engine import eager, tracing
 from engine.breaker import Breaker
 from engine.config import Config
 from engine.deadletter import DeadLetters
@@ -37,9 +37,10 @@ from engine.dispatch import Context, Router, ack_metadata, bind_outputs
 from engine.errors import MalformedEvent
 from engine.events import TRACEPARENT_HEADER, Event, check_subject
 from engine.metrics import RouteMetrics
-from engine.outbox import Outbox
 from engine.outcome import ACKED, CANCEL, Action, Outcome, RetryPolicy, arrived, decide, sweep, unstored
 from engine.publisher import Publisher
+from engine.transport import inbox
+from engine.transport.outbox import Outbox
 from engine.window import Window
 
 log = structlog.get_logger("jetpool.consumer")

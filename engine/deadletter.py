@@ -48,10 +48,10 @@ from engine.config import Config
 from engine.dispatch import ack_metadata
 from engine.events import MSG_ID_HEADER, Event, carried_type
 from engine.metrics import DEAD_LETTERED
-from engine.outbox import header_bytes
 from engine.outcome import Outcome
 from engine.publisher import Publisher
 from engine.state import Conflict, KVState, open_buckets
+from engine.transport.outbox import header_bytes
 
 log = structlog.get_logger("jetpool.dlq")
 

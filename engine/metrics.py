@@ -7,7 +7,11 @@ stay monotonic across restarts), plus its own registry (restarts, consumer lag, 
 
 The hot path stays cheap: the consumer tallies outcomes and handler durations in plain dicts and
 :class:`RouteMetrics` flushes them to the shared files once per housekeeping tick, instead of a
-locked mmap write (or three) per message.
+locked mmap write (or three) per message (durations through :func:`engine.transport.histogram.add`,
+which writes prometheus-client's internals behind the fence of :mod:`engine.transport`).
+
+``jetpool_fast_path{path}`` lives with that fence (:data:`engine.transport.fence.FAST_PATH`; here it would
+make an import circle), in the same registry and multiprocess files as the metrics here.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from engine.transport import histogram
 
 HANDLER_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BOUNDS = (*HANDLER_BUCKETS_S, float("inf"))
@@ -56,6 +62,7 @@ EXPORTED_METRICS = frozenset({
     "jetpool_dead_lettered_total", "jetpool_breaker_state", "jetpool_worker_restarts_total",
     "jetpool_workers_ready", "jetpool_consumer_pending", "jetpool_consumer_ack_pending",
     "jetpool_consumer_redelivered", "jetpool_redeliveries_total", "payment_process_duration_seconds",
+    "jetpool_fast_path",  # set where each fast path is installed: engine/transport/fence.py
 })
 
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
@@ -129,22 +136,10 @@ class RouteMetrics:
             REDELIVERIES.labels(self.service).inc(self.redelivered)
             self.redelivered = 0
         for route, counts in self._buckets.items():
-            _add_to_histogram(HANDLER_DURATION.labels(self.service, route), counts, self._sums[route])
+            histogram.add(HANDLER_DURATION.labels(self.service, route), _BOUNDS, counts, self._sums[route])
         self._buckets.clear()
         self._sums.clear()
         IN_FLIGHT.labels(self.service).set(in_flight)
         for name, state in breakers.items():
             BREAKER_STATE.labels(self.service, name).set(BREAKER_STATES.get(state, 2))
 
-
-def _add_to_histogram(child: Histogram, counts: list[int], total: float) -> None:
-    """Add pre-bucketed observations: what ``observe`` does per value, once per bucket.
-
-    prometheus-client has no public "observe many"; its Histogram keeps one value per bucket
-    (non-cumulative, ``amount <= bound``, the same rule as ``bisect_left`` over the bounds) and a
-    sum. tests/unit/test_metrics.py checks this stays equal to calling ``observe`` per value.
-    """
-    for i, n in enumerate(counts):
-        if n:
-            child._buckets[i].inc(n)
-    child._sum.inc(total)

@@ -25,11 +25,11 @@ from typing import Any, Protocol
 
 import orjson
 
-from engine import inbox
 from engine.config import subject_matches
 from engine.errors import PayloadTooLarge, PublishError, PublishTimeout
 from engine.events import Event
-from engine.outbox import Outbox
+from engine.transport import inbox
+from engine.transport.outbox import Outbox
 
 STATUS_HEADER = "Status"
 _SWEEP_INTERVAL_S = 0.25

@@ -1,4 +1,4 @@
-"""Inline delivery (engine/inbox.py) on a real nats-server: active with the pinned nats-py, and safe.
+"""Inline delivery (engine/transport/inbox.py) on a real nats-server: active with the pinned nats-py, and safe.
 
 If a nats-py upgrade renames the subscription internals the sink relies on, ``test_hot_inboxes_are_inline``
 fails (the engine would still work, on nats-py's slower queue-and-task path).
@@ -12,12 +12,12 @@ from typing import Any
 
 import nats
 
-from engine import inbox
 from engine.config import load_config
 from engine.consumer import Consumer
 from engine.dispatch import build_router
 from engine.embedded import EmbeddedServer
 from engine.publisher import Publisher
+from engine.transport import inbox
 from tests.support import App
 
 

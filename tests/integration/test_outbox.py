@@ -1,4 +1,4 @@
-"""engine/outbox.py on a real nats-server: the fast path is active and sends what Client.publish sends.
+"""engine/transport/outbox.py on a real nats-server: the fast path is active and sends what Client.publish sends.
 
 If a nats-py upgrade changes the private attributes the outbox writes through,
 ``test_fast_path_is_active`` fails (publishing would still work, through ``Client.publish``).
@@ -13,7 +13,7 @@ from typing import Any
 import nats
 
 from engine.embedded import EmbeddedServer
-from engine.outbox import Outbox
+from engine.transport.outbox import Outbox
 
 
 def _run(body: Callable[[Any, Any], Coroutine[Any, Any, None]], server: EmbeddedServer) -> None:

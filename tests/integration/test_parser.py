@@ -1,4 +1,5 @@
-"""FastParser (engine/parser.py) on a real nats-server: installed by jetpool's connect, and seeing what nats-py sees.
+"""FastParser (engine/transport/parser.py) on a real nats-server: installed by jetpool's connect, seeing what
+nats-py sees.
 
 If a nats-py upgrade changes the parser's internals, ``install`` refuses and the first test fails (the
 engine would still work, on nats-py's own parser).
@@ -15,7 +16,7 @@ import nats
 from engine.config import NatsConfig
 from engine.connection import connect
 from engine.embedded import EmbeddedServer
-from engine.parser import FastParser
+from engine.transport.parser import FastParser
 
 
 def _corpus() -> list[tuple[str, bytes, dict[str, str] | None]]:

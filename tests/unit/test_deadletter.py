@@ -13,8 +13,8 @@ from engine import deadletter
 from engine.deadletter import DeadLetters, H
 from engine.errors import MalformedEvent
 from engine.events import MSG_ID_HEADER
-from engine.outbox import header_bytes
 from engine.outcome import Action, Outcome, RetryPolicy, decide
+from engine.transport.outbox import header_bytes
 
 REPLY = "$JS.ACK.SHOP.payments.{attempt}.1834.1834.1700000000000000000.0"
 FIRST = "2026-11-24T08:30:49.222Z"

@@ -11,7 +11,7 @@ import pytest
 from nats.errors import ProtocolError
 from nats.protocol.parser import Parser
 
-from engine.parser import FastParser, install
+from engine.transport.parser import FastParser, install
 
 
 class Recorder:

@@ -15,8 +15,9 @@ payload has not fully arrived is described by ``state``, ``msg_arg``, ``needed``
 exactly as nats-py does — so either can continue where the other stopped.
 
 It calls ``Client._process_msg(sid, subject, reply, payload, headers)`` with the same arguments as
-nats-py's parser, so subscriptions see no difference. :func:`install` replaces ``Client._ps`` (nats-py
-2.16, pinned in pyproject); if nats-py changes those names it leaves the client as it is, and
+nats-py's parser, so subscriptions see no difference. :func:`install` replaces ``Client._ps`` when the
+fence allows it (:mod:`engine.transport.fence`: a supported nats-py whose parser has those names);
+otherwise it leaves the client as it is, ``jetpool_fast_path{path="parser"}`` reads 0, and
 tests/integration/test_parser.py fails.
 """
 
@@ -24,10 +25,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import structlog
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
-log = structlog.get_logger("jetpool.parser")
+from engine.transport.fence import enable
 
 _CRLF = b"\r\n"
 _MSG = b"MSG "
@@ -114,19 +114,30 @@ def _message_line(view: bytes, pos: int, eol: int) -> tuple[bytes, int, bytes, i
     return None  # malformed ones too: nats-py's parser raises its own ProtocolError for them
 
 
+_STATE = ("buf", "state", "needed", "header_needed", "msg_arg")
+
+
+def missing(nc: Any) -> list[str]:
+    """The nats-py names :func:`install` needs that ``nc`` lacks (empty when it has them all)."""
+    current = getattr(nc, "_ps", None)
+    if isinstance(current, FastParser):
+        return []
+    if type(current) is not Parser:
+        return ["Client._ps (a nats.protocol.parser.Parser)"]
+    return [f"Parser.{name}" for name in _STATE if not hasattr(current, name)]
+
+
 def install(nc: Any) -> bool:
-    """Read ``nc``'s protocol with :class:`FastParser` from its next read on; False if this nats-py cannot.
+    """Read ``nc``'s protocol with :class:`FastParser` from its next read on; False if the fence says no.
 
     Safe between reads: nats-py's parser never waits in the middle of a message it delivers inline
     (its ``_process_msg`` hands messages to queues), so its state is whole when this runs.
     """
-    current = getattr(nc, "_ps", None)
+    if not enable("parser", missing(nc)):
+        return False
+    current = nc._ps
     if isinstance(current, FastParser):
         return True
-    if type(current) is not Parser or not all(
-            hasattr(current, name) for name in ("buf", "state", "needed", "header_needed", "msg_arg")):
-        log.warning("parser.unavailable", reason="nats-py internals changed")
-        return False
     fast = FastParser(nc)
     fast.buf, fast.state, fast.needed = current.buf, current.state, current.needed
     fast.header_needed, fast.msg_arg = current.header_needed, current.msg_arg

@@ -13,9 +13,10 @@ delivery and each PubAck is matched by its own reply subject).
 
 This leans on nats-py's internals: ``Client._process_msg(sid, subject, reply, data, headers)`` (what
 its parser calls for each message), ``Client._process_headers``, ``Client._subs`` and
-``Subscription._id``, as nats-py 2.16 has them (pyproject pins it). :func:`inline` checks they exist
-and otherwise leaves the subscription on nats-py's normal path; tests/integration/test_inbox.py fails
-then, so an upgrade that changes them is noticed.
+``Subscription._id``, as nats-py 2.16 has them. :func:`inline` asks the fence
+(:mod:`engine.transport.fence`: a supported nats-py with those names) and otherwise leaves the
+subscription on nats-py's normal path, with ``jetpool_fast_path{path="inbox"}`` at 0;
+tests/integration/test_inbox.py fails then, so an upgrade that changes them is noticed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import structlog
 
 from engine import eager
+from engine.transport.fence import enable
 
 log = structlog.get_logger("jetpool.inbox")
 
@@ -136,13 +138,25 @@ def _failed(name: str, exc: BaseException | None) -> None:
     log.error("inbox.callback_failed", inbox=name, error=repr(exc))
 
 
+def missing(nc: Any, sub: Any = None) -> list[str]:
+    """The nats-py names inline delivery needs that ``nc`` (and ``sub``, when given) lack."""
+    absent = [f"Client.{name}" for name in _NEEDS_CLIENT if not hasattr(nc, name)]
+    if sub is not None and not hasattr(sub, "_id"):
+        absent.append("Subscription._id")
+    return absent
+
+
+def available(nc: Any) -> bool:
+    """Whether the fence lets ``nc``'s subscriptions be delivered inline (checked once per connection)."""
+    return enable("inbox", missing(nc))
+
+
 def inline(nc: Any, sub: Any, cb: Callback, name: str) -> bool:
-    """Deliver ``sub``'s messages to ``cb`` inline from now on; False if this nats-py cannot (then unchanged).
+    """Deliver ``sub``'s messages to ``cb`` inline from now on; False if the fence says no (then unchanged).
 
     Call it right after ``nc.subscribe(..., cb=cb)``, before anything can arrive for ``sub``.
     """
-    if not (all(hasattr(nc, a) for a in _NEEDS_CLIENT) and hasattr(sub, "_id")):
-        log.warning("inbox.inline_unavailable", inbox=name, reason="nats-py internals changed")
+    if not enable("inbox", missing(nc, sub)):
         return False
     dispatch = nc.__dict__.get("_jetpool_inline")
     if dispatch is None:

@@ -20,8 +20,10 @@ answers such a message by closing the connection, which would end the worker and
 next one. nats-py checks only the body; :meth:`Outbox.publish` raises :class:`PayloadTooLarge` instead.
 
 The few private attributes it
-uses are checked once; without them every call goes through ``Client.publish``
-(tests/integration/test_outbox.py then fails, so a nats-py upgrade that changes them is noticed).
+uses are checked once per :class:`Outbox`, by the fence (:mod:`engine.transport.fence`: a supported
+nats-py with those names); without them every call goes through ``Client.publish``,
+``jetpool_fast_path{path="outbox"}`` reads 0 and tests/integration/test_outbox.py fails, so a nats-py
+upgrade that changes them is noticed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import asyncio
 from typing import Any
 
 from engine.errors import PayloadTooLarge
+from engine.transport.fence import enable
 
 _NEEDS = ("_status", "_pending", "_pending_data_size", "_max_pending_size", "_max_payload", "_flush_queue",
           "_flusher_task", "stats")
@@ -52,6 +55,19 @@ def header_bytes(headers: dict[str, str] | None) -> int:
     return _HEADER_BLOCK_BYTES + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
+def missing(nc: Any) -> list[str]:
+    """The nats-py names the outbox writes through that ``nc`` lacks (or has with another meaning)."""
+    absent = [f"Client.{name}" for name in _NEEDS if not hasattr(nc, name)]
+    if getattr(type(nc), "CONNECTED", None) != _CONNECTED:
+        absent.append(f"Client.CONNECTED == {_CONNECTED}")
+    return absent
+
+
+def available(nc: Any) -> bool:
+    """Whether the fence lets commands be written straight into ``nc``'s pending buffer."""
+    return enable("outbox", missing(nc))
+
+
 class Outbox:
     """Publishes on ``nc`` (a ``nats.aio.client.Client``) without its per-call overhead when it can."""
 
@@ -59,7 +75,7 @@ class Outbox:
 
     def __init__(self, nc: Any) -> None:
         self._nc = nc
-        self.fast = all(hasattr(nc, name) for name in _NEEDS) and getattr(type(nc), "CONNECTED", None) == _CONNECTED
+        self.fast = available(nc)
 
     def write(self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None) -> bool:
         """Append the command to the connection's pending buffer; False (nothing done) when :meth:`publish` must."""
