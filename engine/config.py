@@ -84,6 +84,10 @@ class NatsConfig(_Frozen):
     connect_attempts: PosInt = 10
     publish_timeout_s: PosFloat = 10.0
     publish_retry_s: NonNegFloat = 30.0
+    # The broker's JetStream limits (its max_file_store / max_memory_store), when known: provisioning
+    # warns when what the config may store (every max_bytes) does not fit, or has no limit at all.
+    max_file_store_bytes: PosInt | None = None
+    max_memory_store_bytes: NonNegInt | None = None
 
 
 class StreamConfig(_Frozen):
@@ -96,6 +100,10 @@ class StreamConfig(_Frozen):
     duplicate_window_s: PosFloat = 120.0
     max_msg_size: PosInt = 1024 * 1024
     max_age_s: NonNegFloat = 0.0
+    max_bytes: PosInt | None = None  # None: no size limit (only max_age_s)
+    # When max_bytes is reached: "old" drops the oldest events (an event log whose consumers keep up),
+    # "new" refuses publishes (nothing stored is ever dropped; producers see the error).
+    discard: Literal["old", "new"] = "old"
 
 
 class BucketConfig(_Frozen):
@@ -104,6 +112,7 @@ class BucketConfig(_Frozen):
     history: Annotated[int, Field(ge=1, le=64)] = 1
     storage: Literal["file", "memory"] = "file"
     replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    max_bytes: PosInt | None = None  # None: no size limit; when reached, writes are refused
 
 
 class BreakerConfig(_Frozen):
@@ -131,6 +140,7 @@ class DeadLetterConfig(_Frozen):
     max_age_s: NonNegFloat = 0.0
     # An entry's own headers take about 2 KiB and the original's up to 4 KiB; the body gets the rest.
     max_msg_size: Annotated[int, Field(ge=16 * 1024)] = 8 * 1024 * 1024
+    max_bytes: PosInt | None = None  # None: no size limit; when reached the oldest entries go
 
 
 class ServiceConfig(_Frozen):
@@ -157,6 +167,19 @@ class ServiceConfig(_Frozen):
     retry: RetryConfig = RetryConfig()
     settings: dict[str, Any] = Field(default_factory=dict)
     max_event_bytes: PosInt = 1024 * 1024
+    # 'module:function' run once in every worker process before it consumes (e.g. to create the label
+    # values of the app's own metrics, so they are exported from the start): ``function(ctx)``, sync or async.
+    setup: list[str] = Field(default_factory=list)
+
+    @field_validator("setup")
+    @classmethod
+    def _setup_are_targets(cls, setup: list[str]) -> list[str]:
+        for target in setup:
+            module, _, func = target.partition(":")
+            if not module or not func:
+                raise PydanticCustomError("jetpool_route", "setup: expected 'module:function', got {got}",
+                                          {"got": repr(target)})
+        return setup
 
     @field_validator("routes")
     @classmethod

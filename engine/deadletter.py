@@ -75,7 +75,7 @@ def dlq_stream_config(config: Config) -> api.StreamConfig:
         name=dlq.stream, subjects=[f"{dlq.subject_prefix}.>"],
         storage=api.StorageType.FILE if dlq.storage == "file" else api.StorageType.MEMORY,
         num_replicas=dlq.replicas, max_age=dlq.max_age_s, max_msg_size=dlq.max_msg_size,
-        duplicate_window=600.0,
+        max_bytes=dlq.max_bytes or -1, discard=api.DiscardPolicy.OLD, duplicate_window=600.0,
     )
 
 
@@ -259,7 +259,10 @@ class DeadLetters:
 
 @dataclass(frozen=True)
 class FailuresBucket:
-    """Config of the first-failure bucket: small and in memory; losing it only loses first-failure times.
+    """Config of the first-failure bucket: small; losing it only loses first-failure times.
+
+    On file, not in memory: a JetStream deployment may have no memory store at all (the NATS chart's
+    values here disable it), and then a memory bucket is created but refuses every write.
 
     A key is needed only while its message can still be redelivered, so keys expire after ``ttl_s``
     and the bucket keeps at most ``max_bytes``, dropping the oldest keys first: a producer sending
@@ -267,7 +270,7 @@ class FailuresBucket:
     """
 
     history: int = 1
-    storage: str = "memory"
+    storage: str = "file"
     replicas: int = 1
     ttl_s: float = 24 * 3600.0
     max_bytes: int = 64 * 1024 * 1024

@@ -26,6 +26,7 @@ from engine.state import StateStore
 HandlerResult = Event | Iterable[Event] | None
 Handler = Callable[[Event, "Context"], Awaitable[HandlerResult]]
 Middleware = Callable[[Handler], Handler]
+Setup = Callable[["Context"], Awaitable[None] | None]
 
 
 @dataclass(slots=True)
@@ -87,10 +88,19 @@ def ack_metadata(reply: str) -> tuple[int, int]:
 
 
 class Router:
-    """Event type → handler (already wrapped in the middleware chain)."""
+    """Event type → handler (already wrapped in the middleware chain), and the service's setup hooks."""
 
-    def __init__(self, routes: Mapping[str, Handler], middleware: Sequence[Middleware] = ()) -> None:
+    def __init__(self, routes: Mapping[str, Handler], middleware: Sequence[Middleware] = (),
+                 setup: Sequence[Setup] = ()) -> None:
         self._routes: dict[str, Handler] = {t: _chain(h, middleware) for t, h in routes.items()}
+        self._setup = list(setup)
+
+    async def run_setup(self, ctx: Context) -> None:
+        """Run the service's ``setup`` hooks, in order, once per worker process, before it consumes."""
+        for hook in self._setup:
+            result = hook(ctx)
+            if inspect.isawaitable(result):
+                await result
 
     @property
     def event_types(self) -> list[str]:
@@ -130,21 +140,25 @@ def build_router(config: Config, service: str, middleware: Sequence[Middleware] 
         event_type: resolve_handler(target, f"{config.source}: services.{service}.routes.{event_type}")
         for event_type, target in config.services[service].routes.items()
     }
-    return Router(routes, middleware)
+    setup = [resolve_setup(target, f"{config.source}: services.{service}.setup[{i}]")
+             for i, target in enumerate(config.services[service].setup)]
+    return Router(routes, middleware, setup)
+
+
+def resolve_setup(target: str, where: str) -> Setup:
+    """Import ``module:function`` and check it takes (ctx)."""
+    func = _import(target, where)
+    try:
+        inspect.signature(func).bind(None)
+    except TypeError:
+        raise ConfigError(f"{where}: {target!r} must accept (ctx)") from None
+    hook: Setup = func
+    return hook
 
 
 def resolve_handler(target: str, where: str) -> Handler:
     """Import ``module:function`` and check it is an async function taking (event, ctx)."""
-    module_name, _, func_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import module {module_name!r} ({exc})") from None
-    except Exception as exc:  # the module itself is broken (a syntax error, a failing import-time statement)
-        raise ConfigError(f"{where}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    func = getattr(module, func_name, None)
-    if func is None:
-        raise ConfigError(f"{where}: module {module_name!r} has no function {func_name!r}")
+    func = _import(target, where)
     if not inspect.iscoroutinefunction(func):
         raise ConfigError(f"{where}: {target!r} must be an 'async def' function")
     try:
@@ -153,3 +167,18 @@ def resolve_handler(target: str, where: str) -> Handler:
         raise ConfigError(f"{where}: {target!r} must accept (event, ctx)") from None
     handler: Handler = func
     return handler
+
+
+def _import(target: str, where: str) -> Any:
+    """The callable ``module:function`` names; errors name where it was configured."""
+    module_name, _, func_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # the module itself is broken (a syntax error, a failing import-time statement)
+        raise ConfigError(f"{where}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    func = getattr(module, func_name, None)
+    if func is None or not callable(func):
+        raise ConfigError(f"{where}: module {module_name!r} has no function {func_name!r}")
+    return func

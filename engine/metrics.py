@@ -46,8 +46,10 @@ BREAKER_STATE = Gauge("jetpool_breaker_state", "Circuit breaker state: 0 closed,
                       ["service", "breaker"], multiprocess_mode="livemax")
 
 SUPERVISOR_REGISTRY = CollectorRegistry()
-WORKER_RESTARTS = Counter("jetpool_worker_restarts_total", "Worker processes restarted after a crash.",
-                          ["service"], registry=SUPERVISOR_REGISTRY)
+WORKER_RESTARTS = Counter("jetpool_worker_restarts_total",
+                          "Worker processes restarted: reason boot_failed (died before it was ready), killed (by "
+                          "a signal) or exited (on its own, after it was ready).",
+                          ["service", "reason"], registry=SUPERVISOR_REGISTRY)
 WORKERS_READY = Gauge("jetpool_workers_ready", "Workers connected with their consumer bound.", ["service"],
                       registry=SUPERVISOR_REGISTRY)
 CONSUMER_PENDING = Gauge("jetpool_consumer_pending", "Messages not yet delivered to the service's consumer.",

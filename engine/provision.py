@@ -16,7 +16,7 @@ from nats.js.errors import NotFoundError
 
 from engine import advisories
 from engine.config import Config, StreamConfig
-from engine.deadletter import dlq_stream_config, failures_bucket, failures_stream_config
+from engine.deadletter import FAILURES_BUCKET, dlq_stream_config, failures_bucket, failures_stream_config
 from engine.errors import BrokerError
 from engine.outcome import RetryPolicy, redelivery_horizon_s
 from engine.state import open_buckets
@@ -33,8 +33,9 @@ def stream_config(cfg: StreamConfig) -> api.StreamConfig:
         duplicate_window=cfg.duplicate_window_s,
         max_msg_size=cfg.max_msg_size,
         max_age=cfg.max_age_s,
+        max_bytes=cfg.max_bytes or -1,
         retention=api.RetentionPolicy.LIMITS,
-        discard=api.DiscardPolicy.OLD,
+        discard=api.DiscardPolicy.NEW if cfg.discard == "new" else api.DiscardPolicy.OLD,
     )
 
 
@@ -79,8 +80,12 @@ async def provision(js: Any, config: Config, services: Iterable[str] | None = No
     for stream in config.streams:
         await ensure_stream(js, stream)
     await _ensure(js, dlq_stream_config(config))
-    await _ensure(js, failures_stream_config(failures_bucket(config)))  # created, or given its TTL and size
+    await _ensure(js, failures_stream_config(failures_bucket(config)), keep_storage=True)
     await open_buckets(js, config.state, create=True)
+    for name, bucket in config.state.items():
+        await _limit_bucket(js, name, bucket.max_bytes)
+    for warning in store_warnings(config):
+        log.warning("store.may_fill", **warning)
     wanted = list(services if services is not None else config.services)
     try:
         await advisories.provision(js, config, wanted)
@@ -99,14 +104,56 @@ async def ensure_stream(js: Any, cfg: StreamConfig) -> None:
     await _ensure(js, stream_config(cfg))
 
 
-async def _ensure(js: Any, wanted: api.StreamConfig) -> None:
+async def _ensure(js: Any, wanted: api.StreamConfig, keep_storage: bool = False) -> None:
+    """Create the stream, or update it in place (``keep_storage``: on whatever storage it has, which an
+    update cannot change — the first-failure bucket moved from memory to file)."""
     try:
-        await js.stream_info(wanted.name)
+        info = await js.stream_info(wanted.name)
     except NotFoundError:
         await js.add_stream(wanted)
         log.info("stream.created", stream=wanted.name, subjects=wanted.subjects)
         return
+    if keep_storage:
+        wanted.storage = info.config.storage
     try:
         await js.update_stream(wanted)
     except Exception as exc:
         raise BrokerError(f"cannot update stream {wanted.name!r}: {exc}") from exc
+
+
+async def _limit_bucket(js: Any, name: str, max_bytes: int | None) -> None:
+    """Give a state bucket's stream the configured size limit (a KV bucket is created without one)."""
+    info = await js.stream_info(f"KV_{name}")
+    wanted = max_bytes or -1
+    if (info.config.max_bytes or -1) != wanted:
+        info.config.max_bytes = wanted
+        await js.update_stream(info.config)
+
+
+def store_warnings(config: Config) -> list[dict[str, Any]]:
+    """What the config may store against the broker's JetStream limits (``nats.max_*_store_bytes``).
+
+    Per storage kind with a known limit: every stream and bucket without ``max_bytes`` (it can fill
+    the store on its own), and the sum of the limits when it exceeds the store. Replicas live on
+    different servers, so each server's store holds one copy of each.
+    """
+    dlq = config.dead_letter
+    holders: list[tuple[str, str, int | None]] = [(s.name, s.storage, s.max_bytes) for s in config.streams]
+    holders.append((dlq.stream, dlq.storage, dlq.max_bytes))
+    holders += [(f"KV_{name}", b.storage, b.max_bytes) for name, b in config.state.items()]
+    bucket = failures_bucket(config)
+    holders.append((f"KV_{FAILURES_BUCKET}", bucket.storage, bucket.max_bytes))
+    warnings: list[dict[str, Any]] = []
+    for storage, limit in (("file", config.nats.max_file_store_bytes), ("memory", config.nats.max_memory_store_bytes)):
+        mine = [(name, size) for name, kind, size in holders if kind == storage]
+        if limit is None or not mine:
+            continue
+        unbounded = sorted(name for name, size in mine if size is None)
+        if unbounded:
+            warnings.append({"storage": storage, "store_bytes": limit, "unbounded": unbounded,
+                             "hint": "set max_bytes so that they fit the store together"})
+        total = sum(size or 0 for _, size in mine)
+        if total > limit:
+            warnings.append({"storage": storage, "store_bytes": limit, "max_bytes_total": total,
+                             "hint": "the streams' and buckets' max_bytes add up to more than the store holds"})
+    return warnings

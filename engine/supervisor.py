@@ -2,12 +2,26 @@
 
 Each service gets ``workers`` processes. Worker *slots* are numbered across services and pinned
 round-robin over the CPUs the supervisor may use (``supervisor.cpus`` or its own affinity), so two
-busy workers do not fight over one core while another idles. A slot whose process dies while the
-supervisor is running is restarted after an exponential backoff; more than ``max_restarts`` crashes
-within ``restart_window_s`` is a crash loop: everything is stopped and the exit code is 3.
+busy workers do not fight over one core while another idles.
 
-SIGTERM or SIGINT sets one ``multiprocessing.Event`` that every worker watches: they stop pulling,
-drain and exit. The supervisor waits until the largest ``drain_timeout_s`` plus a margin (Kubernetes'
+The restart policy is gunicorn's arbiter's: two failures, two answers.
+
+- A worker that dies **before it ever became ready** (an import error, a bad credential, a crash
+  while connecting) failed to boot: the same start would fail again. It is restarted with
+  exponential backoff, and ``max_restarts`` boot failures *in a row* of one slot are a crash loop:
+  everything is stopped and the exit code is 3.
+- A worker that dies **after it was ready** (killed by the OOM killer or an operator, a crash while
+  serving) is simply replaced, for as long as the supervisor runs: each time after a jittered
+  backoff that doubles with each death of that slot within ``restart_window_s`` (from
+  ``restart_backoff_s``, capped at ``restart_backoff_max_s``). What it was handling is redelivered
+  after its ack wait; a message that kills every worker it reaches is dead-lettered by the
+  ``MAX_DELIVERIES`` advisory once ``max_deliver`` is spent.
+
+Every exit is one log line (``worker.exited``: exit code or signal, whether it had been ready, when
+it restarts) and one count in ``jetpool_worker_restarts_total{service,reason}``.
+
+SIGTERM or SIGINT sets one shared flag that every worker watches: they stop pulling, drain and exit.
+The supervisor waits until the largest ``drain_timeout_s`` plus a margin (Kubernetes'
 terminationGracePeriodSeconds must be larger), then kills what is left. A second signal kills at once.
 SIGHUP drains too but never counts as that second signal: it is what a closed terminal sends, and
 what the kernel sends, once per exiting thread, when the process that started the engine (``jetpool
@@ -22,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import random
 import signal
 import time
 from collections import deque
@@ -36,13 +51,14 @@ from engine.config import Config
 from engine.errors import ConfigError, JetpoolError
 from engine.metrics import WORKER_RESTARTS, prepare_multiprocess_dir
 from engine.probes import LagSampler, Probes
-from engine.worker import WorkerSpec, worker_main
+from engine.worker import STARTED, STATUS_SLOTS, StopFlag, WorkerSpec, worker_main
 
 log = structlog.get_logger("jetpool.supervisor")
 
 EXIT_OK, EXIT_UNCLEAN, EXIT_CRASH_LOOP, EXIT_FORCED = 0, 1, 3, 130
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _DRAIN_MARGIN_S = 5.0
+RESTART_REASONS = ("boot_failed", "killed", "exited")
 
 
 @dataclass
@@ -56,7 +72,8 @@ class Slot:
     status: Any
     process: Any = None
     started_at: float = 0.0
-    restarts: int = 0
+    boot_failures: int = 0  # in a row: reset once a worker of this slot became ready
+    deaths: deque[float] = field(default_factory=deque)  # after being ready, within restart_window_s
     exit_codes: list[int] = field(default_factory=list)
 
 
@@ -93,9 +110,8 @@ class Supervisor:
     def __init__(self, config: Config, services: Sequence[str]) -> None:
         self.config = config
         self._ctx = multiprocessing.get_context("spawn")
-        self.shutdown = self._ctx.Event()
+        self.shutdown = StopFlag(self._ctx)
         self.slots = self._plan(services)
-        self._crashes: deque[float] = deque()
         self._stopping = False
         self._exit_code = EXIT_OK
         self._done: asyncio.Future[int] | None = None
@@ -109,7 +125,7 @@ class Supervisor:
         for slot_no, ((service, index), cpu) in enumerate(zip(wanted, cpus, strict=True)):
             pinned = cpu if self.config.services[service].pin_cpus else None
             spec = WorkerSpec(self.config, service, index, slot_no, pinned)
-            slots.append(Slot(spec, self._ctx.Array("d", 2, lock=False)))
+            slots.append(Slot(spec, self._ctx.Array("d", STATUS_SLOTS, lock=False)))
         return slots
 
     @property
@@ -131,6 +147,9 @@ class Supervisor:
         for signum in _SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
         prepare_multiprocess_dir()
+        for service in {slot.spec.service for slot in self.slots}:  # every series exists, at 0, from the start
+            for reason in RESTART_REASONS:
+                WORKER_RESTARTS.labels(service, reason)
         probes, lag = await self._start_http()
         for slot in self.slots:
             self._start(slot)
@@ -160,7 +179,8 @@ class Supervisor:
         return probes, lag
 
     def _start(self, slot: Slot) -> None:
-        slot.status[0] = slot.status[1] = 0.0
+        for i in range(STATUS_SLOTS):
+            slot.status[i] = 0.0
         slot.started_at = time.time()
         proc = self._ctx.Process(target=worker_main, args=(slot.spec, self.shutdown, slot.status),
                                  name=f"jetpool-{slot.spec.service}-{slot.spec.index}")
@@ -168,8 +188,9 @@ class Supervisor:
         slot.process = proc
         # The sentinel becomes readable when the process ends: no polling needed.
         asyncio.get_running_loop().add_reader(proc.sentinel, self._on_exit, slot, proc)
-        log.info("worker.spawned", service=slot.spec.service, worker=slot.spec.index, pid=proc.pid,
-                 cpu=slot.spec.cpu)
+        # A restart is told by the exit's own line (restart_in_s): one line per death, not two.
+        (log.debug if slot.exit_codes else log.info)(
+            "worker.spawned", service=slot.spec.service, worker=slot.spec.index, pid=proc.pid, cpu=slot.spec.cpu)
 
     def _on_exit(self, slot: Slot, proc: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -184,36 +205,41 @@ class Supervisor:
                 self._exit_code = max(self._exit_code, EXIT_UNCLEAN)
             self._maybe_finish()
             return
-        log.warning("worker.exited", service=slot.spec.service, worker=slot.spec.index, pid=proc.pid, code=code)
-        if self._crash_loop():
-            log.error("supervisor.crash_loop", max_restarts=self.config.supervisor.max_restarts,
-                      window_s=self.config.supervisor.restart_window_s)
+        ready = slot.status[STARTED] > 0
+        reason, delay = self._restart_plan(slot, ready, time.monotonic())
+        WORKER_RESTARTS.labels(slot.spec.service, reason).inc()
+        log.warning("worker.exited", service=slot.spec.service, worker=slot.spec.index, pid=proc.pid, code=code,
+                    signal=_signal_name(code), ready=ready, boot_failures=slot.boot_failures,
+                    restart_in_s=None if delay is None else round(delay, 2))
+        if delay is None:
+            log.error("supervisor.crash_loop", service=slot.spec.service, worker=slot.spec.index,
+                      boot_failures=slot.boot_failures, max_restarts=self.config.supervisor.max_restarts)
             self._exit_code = EXIT_CRASH_LOOP
             self.begin_shutdown()
             return
-        if time.time() - slot.started_at > self.config.supervisor.restart_window_s:
-            slot.restarts = 0  # it ran fine for a while: this is a new failure, not a crash loop
-        delay = self._backoff(slot)
-        slot.restarts += 1
-        WORKER_RESTARTS.labels(slot.spec.service).inc()
         loop.call_later(delay, self._restart, slot)
+
+    def _restart_plan(self, slot: Slot, ready: bool, now: float) -> tuple[str, float | None]:
+        """Why the slot's worker is restarted (a metric label) and after how long; None: a crash loop."""
+        sup = self.config.supervisor
+        if not ready:
+            slot.boot_failures += 1
+            if slot.boot_failures > sup.max_restarts:
+                return "boot_failed", None
+            return "boot_failed", _backoff_s(sup.restart_backoff_s, sup.restart_backoff_max_s, slot.boot_failures)
+        slot.boot_failures = 0
+        slot.deaths.append(now)
+        while slot.deaths and now - slot.deaths[0] > sup.restart_window_s:
+            slot.deaths.popleft()
+        delay = _backoff_s(sup.restart_backoff_s, sup.restart_backoff_max_s, len(slot.deaths))
+        reason = "killed" if _signal_name(slot.exit_codes[-1]) else "exited"
+        return reason, random.uniform(delay / 2, delay)  # jitter: workers killed together do not return together
 
     def _restart(self, slot: Slot) -> None:
         if not self._stopping:
             self._start(slot)
         else:
             self._maybe_finish()
-
-    def _crash_loop(self) -> bool:
-        now, sup = time.monotonic(), self.config.supervisor
-        self._crashes.append(now)
-        while self._crashes and now - self._crashes[0] > sup.restart_window_s:
-            self._crashes.popleft()
-        return len(self._crashes) > sup.max_restarts
-
-    def _backoff(self, slot: Slot) -> float:
-        sup = self.config.supervisor
-        return float(min(sup.restart_backoff_max_s, sup.restart_backoff_s * 2 ** min(slot.restarts, 16)))
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -261,3 +287,18 @@ class Supervisor:
         if self._done is not None and not self._done.done():
             log.info("supervisor.stopped", exit_code=self._exit_code)
             self._done.set_result(self._exit_code)
+
+
+def _backoff_s(base_s: float, max_s: float, failures: int) -> float:
+    """``base_s`` doubled for each failure after the first, at most ``max_s``."""
+    return float(min(max_s, base_s * 2 ** min(max(failures - 1, 0), 16)))
+
+
+def _signal_name(code: int | None) -> str | None:
+    """The signal that ended a process (a negative exit code), e.g. ``SIGKILL``; None for an exit."""
+    if code is None or code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"

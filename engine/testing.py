@@ -67,7 +67,7 @@ from engine.connection import connect
 from engine.consumer import Consumer
 from engine.deadletter import DeadLetters
 from engine.deadletter import H as DLQ_HEADER
-from engine.dispatch import build_router
+from engine.dispatch import Context, build_router
 from engine.embedded import EmbeddedServer
 from engine.errors import MalformedEvent
 from engine.events import Event
@@ -223,8 +223,10 @@ class _Service:
         dead_letters = await DeadLetters.open(cfg, self._publisher, nc.jetstream())
         self._advisories = AdvisoryWatcher(nc, cfg, service, dead_letters)
         await self._advisories.start()
+        resources = await self._resources(nc)
+        await router.run_setup(Context(service, 0, "", "", resources, cfg.services[service].settings))
         self._consumer = Consumer(nc, cfg, service, router, self._publisher, worker=0,
-                                  resources=await self._resources(nc), dead_letters=dead_letters)
+                                  resources=resources, dead_letters=dead_letters)
         await self._consumer.start()
         consumers.append(self._consumer)
 

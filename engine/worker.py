@@ -28,7 +28,7 @@ from engine.config import Config
 from engine.connection import connect
 from engine.consumer import Consumer
 from engine.deadletter import DeadLetters
-from engine.dispatch import build_router
+from engine.dispatch import Context, build_router
 from engine.logs import configure_logging
 from engine.publisher import Publisher
 from engine.state import open_buckets
@@ -38,9 +38,30 @@ log = structlog.get_logger("jetpool.worker")
 
 _POLL_S = 0.1
 _BEAT_S = 1.0
-# A worker's status, shared with the supervisor: a 2-slot array of doubles.
+# A worker's status, shared with the supervisor: an array of doubles.
 BEAT = 0  # wall time of the last healthy beat; 0 before the first; minus the time when unhealthy (deaf consumer)
 READY = 1  # 1.0 while connected with the consumer bound and not draining
+STARTED = 2  # wall time the worker first became ready (consuming); never reset: tells a boot failure from a death
+STATUS_SLOTS = 3
+
+
+class StopFlag:
+    """The supervisor's shared shutdown flag: a byte in shared memory that workers poll.
+
+    Not a ``multiprocessing.Event``: that holds named semaphores, which multiprocessing's resource
+    tracker process must follow; when that tracker is killed along with workers (a kill loop, the
+    OOM killer) its replacement prints a ``KeyError`` traceback for every semaphore it never saw.
+    A raw shared value needs no tracker, and workers already poll (every ``_POLL_S``).
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self._value = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,7 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     publisher = Publisher(nc, cfg.subject_prefix, cfg.nats.publish_timeout_s, cfg.nats.publish_retry_s, captured)
     await publisher.start()
     resources = await open_resources(nc, cfg, service)
+    await router.run_setup(Context(service, spec.index, "", "", resources, cfg.services[service].settings))
     dead_letters = await DeadLetters.open(cfg, publisher, nc.jetstream())
     advisories = AdvisoryWatcher(nc, cfg, service, dead_letters)
     await advisories.start()
@@ -119,6 +141,7 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     await consumer.start()
     consumers.append(consumer)
     log.info("worker.started", cpu=spec.cpu)
+    status[STARTED] = time.time()
     await _wait_for_stop(shutdown, local_stop, lost, consumer, nc, status)
     status[BEAT] = status[READY] = 0.0
     if lost.is_set():

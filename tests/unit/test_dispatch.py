@@ -113,3 +113,40 @@ def test_context_exposes_attempt_and_sequence() -> None:
     assert c.resource("breaker") == "b"
     with pytest.raises(LookupError, match="no resource named 'store' in service 'payments'"):
         c.resource("store")
+
+
+CALLED: list[str] = []
+
+
+def sync_setup(ctx: Context) -> None:
+    CALLED.append(f"sync:{ctx.service}")
+
+
+async def async_setup(ctx: Context) -> None:
+    CALLED.append(f"async:{ctx.settings['x']}")
+
+
+def setup_config(*setup: str) -> Config:
+    return parse_config({
+        "subject_prefix": "shop",
+        "streams": [{"name": "SHOP", "subjects": ["shop.>"]}],
+        "services": {"payments": {"stream": "SHOP", "routes": {"OrderPlaced": f"{HERE}:nothing"},
+                                  "setup": list(setup), "settings": {"x": 7}}},
+    }, source="config/shop.yaml")
+
+
+def test_setup_hooks_run_in_order_sync_or_async() -> None:
+    router = build_router(setup_config(f"{HERE}:sync_setup", f"{HERE}:async_setup"), "payments")
+    CALLED.clear()
+    asyncio.run(router.run_setup(Context("payments", 0, "", "", {}, {"x": 7})))
+    assert CALLED == ["sync:payments", "async:7"]
+
+
+@pytest.mark.parametrize(("target", "problem"), [
+    (f"{HERE}:missing", f"module '{HERE}' has no function 'missing'"),
+    (f"{HERE}:two_outputs", f"'{HERE}:two_outputs' must accept (ctx)"),
+])
+def test_bad_setup_hooks_name_file_and_key_path(target: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_router(setup_config(target), "payments")
+    assert str(info.value) == f"config/shop.yaml: services.payments.setup[0]: {problem}"

@@ -47,16 +47,39 @@ def test_only_the_selected_services_get_slots() -> None:
     assert [(s.spec.service, s.spec.cpu) for s in sup.slots] == [("payments", 1), ("payments", 1)]
 
 
-def test_backoff_doubles_up_to_the_maximum() -> None:
-    sup = Supervisor(config(restart_backoff_s=0.5, restart_backoff_max_s=3), ["audit"])
+def test_boot_failures_back_off_and_more_than_max_restarts_in_a_row_is_a_crash_loop() -> None:
+    sup = Supervisor(config(restart_backoff_s=0.5, restart_backoff_max_s=3, max_restarts=4), ["audit"])
+    slot = sup.slots[0]
+    plans = [sup._restart_plan(slot, ready=False, now=float(t)) for t in range(5)]
+    assert plans == [("boot_failed", 0.5), ("boot_failed", 1.0), ("boot_failed", 2.0), ("boot_failed", 3.0),
+                     ("boot_failed", None)]
+
+
+def test_a_worker_that_became_ready_resets_the_boot_failures() -> None:
+    sup = Supervisor(config(max_restarts=2), ["audit"])
+    slot = sup.slots[0]
+    sup._restart_plan(slot, ready=False, now=0.0)
+    sup._restart_plan(slot, ready=False, now=1.0)
+    slot.exit_codes.append(-9)
+    assert sup._restart_plan(slot, ready=True, now=2.0)[1] is not None
+    assert slot.boot_failures == 0
+    assert [sup._restart_plan(slot, ready=False, now=3.0 + t)[1] is None for t in range(3)] == [False, False, True]
+
+
+def test_deaths_after_being_ready_are_restarted_forever_with_a_jittered_capped_backoff() -> None:
+    sup = Supervisor(config(restart_backoff_s=0.5, restart_backoff_max_s=4, max_restarts=1, restart_window_s=60),
+                     ["audit"])
     slot = sup.slots[0]
     delays = []
-    for restarts in range(5):
-        slot.restarts = restarts
-        delays.append(sup._backoff(slot))
-    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
-
-
-def test_crash_loop_is_more_than_max_restarts_within_the_window() -> None:
-    sup = Supervisor(config(max_restarts=3, restart_window_s=60), ["audit"])
-    assert [sup._crash_loop() for _ in range(4)] == [False, False, False, True]
+    for t in range(100):  # a kill every second for 100 s: far more than max_restarts, never a crash loop
+        slot.exit_codes.append(-9)
+        reason, delay = sup._restart_plan(slot, ready=True, now=float(t))
+        assert reason == "killed" and delay is not None
+        delays.append(delay)
+    assert 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0  # doubling, with equal jitter
+    assert all(2.0 <= d <= 4.0 for d in delays[5:])  # capped
+    assert len(slot.deaths) == 61  # only deaths within restart_window_s count
+    slot.exit_codes.append(1)
+    assert sup._restart_plan(slot, ready=True, now=1000.0)[0] == "exited"  # an exit, not a signal
+    quiet = sup._restart_plan(slot, ready=True, now=2000.0)[1]  # after a quiet minute: back to the base
+    assert quiet is not None and 0.25 <= quiet <= 0.5
