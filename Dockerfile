@@ -3,10 +3,12 @@
 # and run as a numeric non-root user, so Kubernetes can enforce runAsNonRoot.
 #
 #   docker build -t jetpool:0.1.0 .
-#   docker run --rm jetpool:0.1.0 run -c /usr/share/jetpool/config/example.yaml   # embedded nats-server
+#   docker run --rm jetpool:0.1.0 run -c /usr/share/jetpool/config/example.yaml --nats-url nats://host:4222
 #
-# On Kubernetes the chart mounts the config at /etc/jetpool/config.yaml, sets JETPOOL_NATS_URL, makes the
-# root filesystem read-only and mounts an emptyDir on /tmp.
+# A pod runs `jetpool run` against a NATS URL, so the image has only what that needs: no extras (no
+# embedded nats-server, no psutil, no rich: those are the `local` and `shop` extras of this machine's
+# tools). On Kubernetes the chart mounts the config at /etc/jetpool/config.yaml, sets JETPOOL_NATS_URL,
+# makes the root filesystem read-only and mounts an emptyDir on /tmp.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -29,8 +31,8 @@ COPY --from=build /src/config /usr/share/jetpool/config
 ENV PATH=/opt/jetpool/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-# Writable: the embedded broker's store under `docker run`; on Kubernetes the chart mounts a data volume here
-# for the handlers' files (SQLite audit store, gateway ledger) under the read-only root filesystem.
+# Writable: on Kubernetes the chart mounts a data volume here for the handlers' files (SQLite audit store,
+# gateway ledger) under the read-only root filesystem.
 WORKDIR /var/lib/jetpool
 USER 10001:10001
 # /metrics, /health and /ready (jetpool run --http-port 8080).

@@ -1,6 +1,6 @@
 """What dead-lettering bad input costs: CPU of the workers and the broker per malformed event, nothing else.
 
-A fresh chaos shop (:class:`engine.chaos.Shop`: a private nats-server and the engine with all five
+A fresh chaos shop (:class:`handlers.tools.chaos.shop.Shop`: a private nats-server and the engine with all five
 services) gets ``count`` malformed OrderPlaced events at ``rate`` per second and no valid traffic. Each
 is dead-lettered by the three services that consume OrderPlaced (orders, payments, audit). The CPU
 seconds every worker and the broker used from the first publish until the last of the ``3 * count``
@@ -26,7 +26,9 @@ from pathlib import Path
 import psutil
 import uvloop
 
-from engine.chaos import Session, Shop, _malformed
+from handlers.tools.chaos.scenarios import _malformed
+from handlers.tools.chaos.session import Session
+from handlers.tools.chaos.shop import Shop
 
 
 def _cpu_by_process(shop: Shop) -> dict[str, float]:

@@ -39,8 +39,12 @@ import yaml
 from rich.console import Console
 
 from engine.config import Config, load_config
-from engine.demo import EngineProcess, Plan, ShopLoad, Summary
 from engine.embedded import EmbeddedServer
+from engine.process import EngineProcess
+from engine.runtime import provision_only
+from handlers import SHOP_YAML
+from handlers.tools.load import ShopLoad, Summary
+from handlers.tools.orders import Plan
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -77,8 +81,8 @@ class Sweep:
 
 
 def shop_config(directory: Path, url: str) -> Path:
-    """config/shop.yaml with this run's broker, files under ``directory`` and a free probes port."""
-    raw: dict[str, Any] = yaml.safe_load((REPO / "config" / "shop.yaml").read_text())
+    """handlers/shop.yaml with this run's broker, files under ``directory`` and a free probes port."""
+    raw: dict[str, Any] = yaml.safe_load(SHOP_YAML.read_text())
     raw["nats"] = {**raw.get("nats", {}), "url": url}
     raw["http"] = {"host": "127.0.0.1", "port": 0}
     raw["log"] = {"level": "warning", "format": "json"}
@@ -99,21 +103,16 @@ def shop(directory: Path) -> Iterator[Config]:
     try:
         path = shop_config(directory, server.url)
         cfg = load_config(path)
-        engine = EngineProcess(str(path), server.url, directory / "engine.log", {})
-        uvloop.run(_provision(cfg))
+        engine = EngineProcess(path, directory / "engine.log", nats_url=server.url,
+                               args=["--no-provision", "--log-level", "info"])
+        uvloop.run(provision_only(cfg))
         engine.start()
-        uvloop.run(engine.wait_ready(sum(s.workers for s in cfg.services.values())))
+        engine.wait_workers(sum(s.workers for s in cfg.services.values()))
         yield cfg
     finally:
         if engine is not None:
             engine.stop(timeout_s=30)
         server.stop()
-
-
-async def _provision(cfg: Config) -> None:
-    from engine.cli import provision_only
-
-    await provision_only(cfg)
 
 
 def measure(cfg: Config, orders: int, rate: float, console: Console) -> Summary:

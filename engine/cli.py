@@ -1,18 +1,38 @@
-"""Command line: parse arguments, load the config, call the supervisor or a tool; nothing else."""
+"""Command line: parse arguments, load the config, call the supervisor or a tool; nothing else.
+
+The engine's own commands are ``run``, ``provision``, ``check`` and ``dlq``. An app adds its own
+commands without this module importing it: each is an entry point of the group ``jetpool.commands``
+in the app's ``pyproject.toml``::
+
+    [project.entry-points."jetpool.commands"]
+    report = "myapp.commands:report"
+
+The entry point names an object (or a class, called without arguments) with:
+
+- ``name: str`` — the command's word (``jetpool report``); it may not shadow one of the engine's;
+- ``help: str`` — its one line in ``jetpool --help``;
+- ``add_arguments(parser: argparse.ArgumentParser) -> None`` — adds its options to its subparser;
+- ``async run(args: argparse.Namespace) -> int`` — does the work on a uvloop event loop and returns
+  the exit code.
+
+The CLI treats an app's command like its own: :class:`~engine.errors.JetpoolError` (and
+``LookupError``) raised from ``run`` print ``jetpool: error: ...`` and exit 2, Ctrl-C exits 130, and
+logging is configured at ``args.log_level`` when the command defines that option, else ``warning``
+(an app's command usually prints its own report). :mod:`engine.runtime` holds what such a command
+needs from the engine: an embedded broker when no URL is set, provisioning, the config overrides.
+A command that fails to load is reported on stderr and left out; the engine's commands still work.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
-import structlog
 import uvloop
 from nats.js.errors import NotFoundError
 
@@ -20,13 +40,26 @@ from engine import dlq
 from engine.config import Config, load_config
 from engine.connection import connect, redact_url
 from engine.dispatch import build_router
-from engine.embedded import EmbeddedServer
 from engine.errors import JetpoolError
 from engine.logs import configure_logging
-from engine.provision import provision
+from engine.runtime import broker, positive_int, provision_only, with_overrides
 from engine.supervisor import Supervisor, check_cpus
 
-log = structlog.get_logger("jetpool.cli")
+COMMANDS_GROUP = "jetpool.commands"
+
+
+@runtime_checkable
+class Command(Protocol):
+    """A command an app adds to ``jetpool`` through the ``jetpool.commands`` entry-point group."""
+
+    name: str
+    help: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add the command's options and arguments to its subparser."""
+
+    async def run(self, args: argparse.Namespace) -> int:
+        """Run the command; return its exit code."""
 
 
 _RUN_EPILOG = """signals:
@@ -39,7 +72,8 @@ exit codes:
   (config, routes, connection, CPUs), 3 crash loop, 130 stopped by a second signal"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
+    """The engine's commands, then ``commands`` (an app's, see the module docstring)."""
     parser = argparse.ArgumentParser(prog="jetpool", description="Multiprocess worker engine for NATS JetStream.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -60,49 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the config and import every route's handler")
     check.add_argument("-c", "--config", required=True, help="YAML config file")
     _dlq_parser(sub)
-    _shop_parsers(sub)
-    _chaos_parser(sub)
+    for command in commands:
+        command.add_arguments(sub.add_parser(command.name, help=command.help, description=command.help))
     return parser
 
 
-def _shop_parsers(sub: Any) -> None:
-    demo = sub.add_parser("demo", help="run the shop end to end on this machine and check its invariants")
-    load = sub.add_parser("load", help="place orders on a running shop deployment and check its invariants")
-    for p in (demo, load):
-        p.add_argument("-c", "--config", default="config/shop.yaml", help="YAML config (default: %(default)s)")
-        p.add_argument("--nats-url", help="NATS URL; demo: none starts an embedded nats-server")
-        p.add_argument("--orders", type=_positive, default=2000, help="orders to place (default %(default)s)")
-        p.add_argument("--rate", type=float, default=150.0,
-                       help="orders/s offered, 0 = unthrottled (default %(default)s)")
-        p.add_argument("--skus", type=int, default=20,
-                       help="products; a tenth get too little stock (default %(default)s)")
-        p.add_argument("--seed", type=int, help="random seed of the orders")
-        p.add_argument("--stall-s", type=float, default=60.0, help="stop waiting when no order ended for this long")
-        p.add_argument("--failure-rate", type=float, metavar="F", help="gateway failure rate during the run (0..1)")
-        p.add_argument("--outage", metavar="START:DURATION", help="gateway outage window in seconds, e.g. 3:5")
-        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
-    demo.add_argument("--log-file", default=".jetpool/demo-engine.log", help="engine output (default %(default)s)")
-    demo.add_argument("--breaker-reset-s", type=float, metavar="S",
-                      help="override the payment_gateway breaker's reset timeout for the demo")
-    audit = sub.add_parser("audit", help="print an order's audit timeline, or rebuild the audit store")
-    audit.add_argument("target", metavar="ORDER_ID|rebuild", help="an order id, or 'rebuild' to replay the stream")
-    audit.add_argument("-c", "--config", default="config/shop.yaml", help="YAML config (default: %(default)s)")
-    audit.add_argument("--nats-url", help="NATS URL for rebuild; none: start an embedded nats-server")
-    audit.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
+ENGINE_COMMANDS = ("run", "provision", "check", "dlq")
 
 
-def _chaos_parser(sub: Any) -> None:
-    chaos = sub.add_parser("chaos", help="inject faults into the shop under load and count what was lost")
-    chaos.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                       help="worker-kill, broker-restart, gateway-outage, sigterm-restart, poison, malformed, hang, "
-                            "slow-handler, duplicates, oversized (default: all, in that order)")
-    chaos.add_argument("-c", "--config", default="config/shop.yaml", help="the shop's YAML (default: %(default)s)")
-    chaos.add_argument("--orders", type=_positive, help="orders per scenario (default: full size, e.g. 10000)")
-    chaos.add_argument("--rate", type=float,
-                       help="valid orders/s offered (default: each scenario's own, 150; malformed 75)")
-    chaos.add_argument("--workdir", default=".jetpool/chaos", help="brokers' stores and logs (default %(default)s)")
-    chaos.add_argument("--json", action="store_true", help="rows as JSON on stdout")
-    chaos.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
+def app_commands() -> list[Command]:
+    """The commands installed apps declare in the ``jetpool.commands`` entry-point group, by name.
+
+    One that cannot be loaded, is not a command, or takes an engine command's name is reported on
+    stderr and left out.
+    """
+    found: dict[str, Command] = {}
+    for point in sorted(entry_points(group=COMMANDS_GROUP), key=lambda p: p.name):
+        try:
+            loaded = point.load()
+            command = loaded() if isinstance(loaded, type) else loaded
+        except Exception as exc:  # a broken app must not take the engine's own commands down
+            _warn(f"command {point.name!r} ({point.value}) could not be loaded: {type(exc).__name__}: {exc}")
+            continue
+        if not isinstance(command, Command):
+            _warn(f"command {point.name!r} ({point.value}) lacks name, help, add_arguments or run")
+        elif command.name in ENGINE_COMMANDS or command.name in found:
+            _warn(f"command {point.name!r} ({point.value}): the name {command.name!r} is taken")
+        else:
+            found[command.name] = command
+    return list(found.values())
+
+
+def _warn(text: str) -> None:
+    print(f"jetpool: warning: {text}", file=sys.stderr)
 
 
 def _dlq_parser(sub: Any) -> None:
@@ -110,7 +134,7 @@ def _dlq_parser(sub: Any) -> None:
     actions = command.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="list entries, oldest first")
     listing.add_argument("--service", help="only this service's entries")
-    listing.add_argument("--limit", type=_positive, default=50, help="at most N entries (default 50)")
+    listing.add_argument("--limit", type=positive_int, default=50, help="at most N entries (default 50)")
     show = actions.add_parser("show", help="show one entry with its body")
     show.add_argument("id", type=int, help="entry id (its DLQ stream sequence)")
     replay = actions.add_parser(
@@ -130,17 +154,6 @@ def _dlq_parser(sub: Any) -> None:
         action.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (a count of entries or orders)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.add_argument("--nats-url", help="NATS URL (overrides JETPOOL_NATS_URL and nats.url); "
@@ -149,48 +162,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config)
-    updates: dict[str, object] = {}
-    if getattr(args, "nats_url", None):
-        updates["nats"] = cfg.nats.model_copy(update={"url": args.nats_url})
-    if getattr(args, "log_level", None):
-        updates["log"] = cfg.log.model_copy(update={"level": args.log_level})
-    if getattr(args, "http_port", None) is not None:
-        updates["http"] = cfg.http.model_copy(update={"port": args.http_port})
-    cfg = cfg.model_copy(update=updates) if updates else cfg
+    """The config of ``-c``, with the command line's overrides applied."""
+    cfg = with_overrides(load_config(args.config), nats_url=getattr(args, "nats_url", None),
+                         log_level=getattr(args, "log_level", None), http_port=getattr(args, "http_port", None))
     if getattr(args, "command", None) in _LOGGING_COMMANDS:
-        # The supervisor and the tools log as the config (log.level, JETPOOL_LOG_LEVEL, log.format) says,
-        # like the workers; demo, load, audit and chaos keep their quiet default (they print a report).
+        # The supervisor and the dlq tool log as the config (log.level, JETPOOL_LOG_LEVEL, log.format)
+        # says, like the workers.
         configure_logging(cfg.log.level, cfg.log.format)
     return cfg
 
 
 _LOGGING_COMMANDS = ("run", "provision", "dlq")
-
-
-@asynccontextmanager
-async def broker(cfg: Config) -> AsyncIterator[Config]:
-    """Yield a config whose nats.url is reachable, starting an embedded nats-server if none is set."""
-    if cfg.nats.url:
-        yield cfg
-        return
-    server = EmbeddedServer(store_dir=Path(cfg.nats.store_dir), die_with_parent=True)
-    server.spawn()  # on the loop's (main) thread, which lives as long as the server should
-    try:
-        await asyncio.to_thread(server.wait_ready)
-        log.info("embedded.started", url=server.url, pid=server.pid, store_dir=str(server.store_dir))
-        yield cfg.model_copy(update={"nats": cfg.nats.model_copy(update={"url": server.url})})
-    finally:
-        await asyncio.to_thread(server.stop)
-        log.info("embedded.stopped", pid=server.pid)
-
-
-async def provision_only(cfg: Config, services: Sequence[str] | None = None) -> None:
-    nc = await connect(cfg.nats, name=f"{cfg.app}.provision")
-    try:
-        await provision(nc.jetstream(), cfg, services)
-    finally:
-        await nc.close()
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -344,46 +326,6 @@ def _print(value: Any, as_json: bool) -> None:
             print(line)
 
 
-def _plan(args: argparse.Namespace) -> Any:
-    from engine import demo
-
-    outage = demo.parse_outage(args.outage) if args.outage else None
-    return demo.Plan(orders=args.orders, rate=args.rate, skus=args.skus, failure_rate=args.failure_rate,
-                     outage=outage, stall_s=args.stall_s, seed=args.seed)
-
-
-async def cmd_demo(args: argparse.Namespace) -> int:
-    from engine import demo
-
-    return await demo.run_demo(load(args), _plan(args), Path(args.log_file), args.breaker_reset_s)
-
-
-async def cmd_load(args: argparse.Namespace) -> int:
-    from engine import demo
-
-    cfg = load(args)
-    if not cfg.nats.url:
-        raise JetpoolError("load drives a running deployment: give --nats-url (or nats.url / JETPOOL_NATS_URL)")
-    return await demo.run_load(cfg, _plan(args))
-
-
-async def cmd_audit(args: argparse.Namespace) -> int:
-    from engine import shop_cli
-
-    if args.target != "rebuild":
-        return await shop_cli.show_timeline(load_config(args.config), args.target)
-    async with broker(load(args)) as live:
-        return await shop_cli.rebuild(live)
-
-
-async def cmd_chaos(args: argparse.Namespace) -> int:
-    from engine import chaos
-
-    rows = await chaos.run_chaos(args.scenarios, base_config=Path(args.config), workdir=Path(args.workdir),
-                                 orders=args.orders, rate=args.rate)
-    return chaos.report(rows, args.json)
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     for service in cfg.services:
@@ -393,20 +335,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    commands = app_commands()
+    args = build_parser(commands).parse_args(argv)
+    app = {c.name: c for c in commands}.get(args.command)
     try:
         if args.command == "check":
             return cmd_check(args)
-        quiet = args.command in ("demo", "load", "audit", "chaos")  # their output is a report, not a log
-        cfg_level = getattr(args, "log_level", None) or ("warning" if quiet else "info")
-        configure_logging(cfg_level)
-        commands = {"run": cmd_run, "provision": cmd_provision, "dlq": cmd_dlq, "demo": cmd_demo, "load": cmd_load,
-                    "audit": cmd_audit, "chaos": cmd_chaos}
-        return uvloop.run(commands[args.command](args))
+        # An app's command prints a report of its own: its log stays quiet unless asked.
+        configure_logging(getattr(args, "log_level", None) or ("warning" if app else "info"))
+        if app is not None:
+            return uvloop.run(app.run(args))
+        engine_commands = {"run": cmd_run, "provision": cmd_provision, "dlq": cmd_dlq}
+        return uvloop.run(engine_commands[args.command](args))
     except (JetpoolError, LookupError) as exc:
         print(f"jetpool: error: {redact_url(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # demo, load, audit: Ctrl-C after their cleanup ran
+    except KeyboardInterrupt:  # an app's command, after its cleanup ran
         return 130
 
 

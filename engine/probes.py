@@ -20,8 +20,8 @@ import contextlib
 import glob
 import os
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -41,10 +41,45 @@ from engine.metrics import (
 )
 from engine.worker import BEAT, READY
 
-if TYPE_CHECKING:
-    from engine.supervisor import Slot, Supervisor
-
 log = structlog.get_logger("jetpool.http")
+
+
+class _Spec(Protocol):
+    @property
+    def service(self) -> str: ...
+
+    @property
+    def index(self) -> int: ...
+
+
+class Slot(Protocol):
+    """What the probes read of a worker position (:class:`engine.supervisor.Slot`, which imports this module)."""
+
+    @property
+    def spec(self) -> _Spec: ...
+
+    @property
+    def status(self) -> Any: ...
+
+    @property
+    def process(self) -> Any: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+
+class Supervisor(Protocol):
+    """What the probes read of :class:`engine.supervisor.Supervisor`."""
+
+    @property
+    def slots(self) -> Sequence[Slot]: ...
+
+    @property
+    def crash_looped(self) -> bool: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
 
 STALE_S = 10.0
 STARTUP_GRACE_S = 60.0

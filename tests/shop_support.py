@@ -14,10 +14,10 @@ import yaml
 from engine import Context, Event
 from engine.breaker import Breaker
 from engine.state import MemoryState, Mutation, Value, mutate_with_cas
+from handlers import SHOP_YAML
 from handlers.saga import ORDER_PLACED
 from tests.support import App
 
-SHOP_YAML = Path(__file__).resolve().parent.parent / "config" / "shop.yaml"
 _orders = itertools.count(1)
 
 
@@ -73,7 +73,7 @@ def breaker(fail_max: int = 5, reset_timeout_s: float = 30.0) -> Breaker:
 
 def write_shop_config(directory: Path, url: str, workers: Mapping[str, int] | None = None,
                       gateway: Mapping[str, Any] | None = None, breaker_reset_s: float = 1.0) -> App:
-    """config/shop.yaml made private to one test: own stream, subject prefix, DLQ, files; fast retries.
+    """handlers/shop.yaml made private to one test: own stream, subject prefix, DLQ, files; fast retries.
 
     The KV buckets keep their names (handlers name them); tests keep apart by unique order ids and skus.
     """

@@ -2,9 +2,8 @@
 
 Everything here talks to 127.0.0.1 only. Tests are plain synchronous pytest functions; each NATS
 helper opens its own short-lived connection inside ``asyncio.run`` so no event loop outlives a call.
-Engine processes are real ``python -m engine run`` subprocesses in their own session; they are
-stopped by PID (supervisor first suspended so it cannot spawn replacements, then every descendant),
-never by name.
+Engine processes are :class:`engine.process.EngineProcess` trees (``python -m engine run`` in their
+own session), stopped by PID, never by name.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,11 +28,10 @@ import yaml
 from nats.js import api
 
 from engine.events import MSG_ID_HEADER, Event, derived_id
-from engine.logs import json_records
+from engine.process import EngineProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HANDLERS = "tests.handlers_fixture"
-TAG_VARIABLE = "TESTS_ENGINE_TAG"
 
 T = TypeVar("T")
 
@@ -329,147 +327,16 @@ def run_cli(args: Sequence[str], *, env: dict[str, str] | None = None, timeout_s
                           env=engine_env(env))
 
 
-@dataclass
-class Engine:
-    """One ``python -m engine run`` process tree, its JSON log and helpers to watch it."""
+class Engine(EngineProcess):
+    """One ``python -m engine run`` process tree of a test: run from the repo root with :func:`engine_env`.
 
-    config: Path
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    args: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-    # (pid, create_time) of every descendant ever seen, so teardown can find orphans safely.
-    seen: set[tuple[int, float]] = field(default_factory=set)
-    # Inherited by every process of the tree: identifies orphans beyond doubt before they are killed.
-    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    Args:
+        config: the YAML file.
+        log_path: the tree's log.
+        env: environment variables on top of :func:`engine_env`'s.
+        args: more arguments of ``run``.
+    """
 
-    def start(self) -> Engine:
-        command = [sys.executable, "-m", "engine", "run", "-c", str(self.config), *self.args]
-        env = engine_env({**self.env, TAG_VARIABLE: self.tag})
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=out, cwd=REPO_ROOT, env=env,
-                                         start_new_session=True)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    # ---- the log ----
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def records(self, event: str | None = None) -> list[dict[str, Any]]:
-        """Parsed JSON log records (optionally only those whose ``event`` is ``event``).
-
-        Every process of the tree appends to the same file; a line may hold more than one record
-        if two writes interleave, so each line is decoded record by record.
-        """
-        return [r for r in json_records(self.log_text()) if event is None or r.get("event") == event]
-
-    def tail(self, lines: int = 40) -> str:
-        return "engine log tail:\n" + "\n".join(self.log_text().splitlines()[-lines:])
-
-    def wait_workers(self, count: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
-        """Wait until ``count`` ``worker.started`` lines exist (fail early if the supervisor died)."""
-
-        def started() -> list[dict[str, Any]] | None:
-            assert self.proc is not None
-            records = self.records("worker.started")
-            if len(records) >= count:
-                return records
-            if self.proc.poll() is not None:
-                raise AssertionError(f"engine exited with {self.proc.returncode} before {count} workers "
-                                     f"started\n{self.tail()}")
-            return None
-
-        return wait_for(started, timeout_s, f"{count} worker.started log lines", detail=self.tail)
-
-    def worker_pids(self) -> dict[tuple[str, int], int]:
-        """(service, worker index) -> pid of the latest started process of that slot."""
-        return {(r["service"], r["worker"]): r["pid"] for r in self.records("worker.started")}
-
-    # ---- the process tree ----
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            children: list[psutil.Process] = psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        for child in children:
-            with contextlib.suppress(psutil.Error):
-                self.seen.add((child.pid, child.create_time()))
-        return children
-
-    def workers(self) -> list[psutil.Process]:
-        """Live worker processes (multiprocessing children other than the resource tracker)."""
-        out: list[psutil.Process] = []
-        for child in self.descendants():
-            with contextlib.suppress(psutil.Error):
-                cmdline = " ".join(child.cmdline())
-                if "multiprocessing" in cmdline and "resource_tracker" not in cmdline:
-                    out.append(child)
-        return out
-
-    def alive(self) -> list[int]:
-        """PIDs of the supervisor and of every descendant ever seen that still exist (zombies excluded)."""
-        out = []
-        candidates = set(self.seen)
-        if self.proc is not None and self.proc.poll() is None:
-            out.append(self.pid)
-        for pid, created in candidates:
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(pid)
-        return out
-
-    def send(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def wait_exit(self, timeout_s: float) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"engine did not exit within {timeout_s}s\n{self.tail()}") from None
-
-    def _logged_orphans(self, known: set[int]) -> list[psutil.Process]:
-        """Processes the log says this tree started (workers, an embedded broker) that outlived the
-        supervisor unseen; a PID only counts if its process carries this engine's tag."""
-        pids = {r.get("pid") for r in self.records("worker.spawned") + self.records("embedded.started")}
-        out = []
-        for pid in pids - known - {None}:
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                if proc.environ().get(TAG_VARIABLE) == self.tag:
-                    out.append(proc)
-        return out
-
-    def kill_tree(self) -> None:
-        """SIGSTOP the supervisor (no respawns), SIGKILL it and every descendant by PID, reap them."""
-        if self.proc is None:
-            return
-        procs: list[psutil.Process] = []
-        with contextlib.suppress(psutil.Error):
-            supervisor = psutil.Process(self.pid)
-            if self.proc.poll() is None:
-                supervisor.suspend()
-                procs.append(supervisor)
-        self.descendants()
-        for pid, created in self.seen:
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                if proc.create_time() == created:
-                    procs.append(proc)
-        procs += self._logged_orphans({p.pid for p in procs})
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(procs, timeout=10)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-
+    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None,
+                 args: Sequence[str] = ()) -> None:
+        super().__init__(config, log_path, env=engine_env(env), args=args, cwd=REPO_ROOT)

@@ -1,7 +1,7 @@
 """The shop under faults (issue 7), at CI size: every fault of ``jetpool chaos`` on real processes.
 
 One chaos shop for the module (a private nats-server and the engine with all five services, see
-:mod:`engine.chaos`); each test runs one scenario on it with fresh orders and skus and asserts the
+:mod:`handlers.tools.chaos`); each test runs one scenario on it with fresh orders and skus and asserts the
 numbers of its row: every order ended or dead-lettered on purpose, nobody charged twice, no unit
 oversold, the audit store holding exactly the events the stream holds, plus what the fault itself
 must show (kills made, drain before the deadline, max_deliver attempts, first-delivery dead letters...).
@@ -22,16 +22,19 @@ from typing import Any
 import pytest
 import uvloop
 
-from engine import chaos
-from engine.chaos import Row, Shop
-from tests.support import REPO_ROOT, run_cli
+from handlers import SHOP_YAML
+from handlers.tools.chaos import scenarios as chaos
+from handlers.tools.chaos.run import SCENARIOS
+from handlers.tools.chaos.session import Row
+from handlers.tools.chaos.shop import Shop
+from tests.support import run_cli
 
 RATE = 125.0
 
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
-    running = Shop(tmp_path_factory.mktemp("chaos"), REPO_ROOT / "config" / "shop.yaml")
+    running = Shop(tmp_path_factory.mktemp("chaos"), SHOP_YAML)
     try:
         uvloop.run(running.start())
         yield running
@@ -74,7 +77,7 @@ def test_poison_event_gets_max_deliver_attempts_then_one_dead_letter(shop: Shop)
     row = run(shop, chaos.poison(shop, orders=200, rate=RATE, seed=5))
     assert_nothing_lost(row, 200, dead_lettered=1)
     max_deliver = row.notes["max_deliver"]
-    assert max_deliver == 20  # config/shop.yaml's payments
+    assert max_deliver == 20  # handlers/shop.yaml's payments
     assert row.notes["attempts"] == max_deliver
     assert row.notes["outcomes"] == {"retry": max_deliver - 1, "dead_letter": 1}
     assert row.notes["dlq_attempts"] == [max_deliver]
@@ -176,7 +179,7 @@ def test_jetpool_chaos_prints_json_rows_and_rejects_unknown_scenarios(tmp_path: 
     assert "duplicates" in result.stderr and "60 orders, 0 lost" in result.stderr
 
     usage = run_cli(["chaos", "--help"], env={"COLUMNS": "200"}).stdout
-    assert all(name in usage for name in chaos.SCENARIOS)
+    assert all(name in usage for name in SCENARIOS)
 
     wrong = run_cli(["chaos", "no-such-fault"])
     assert wrong.returncode == 2

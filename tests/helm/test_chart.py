@@ -33,7 +33,7 @@ from tests.helm.crd_schemas import CRD_SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "helm" / "jetpool"
-SHOP_CONFIG = ROOT / "config" / "shop.yaml"
+SHOP_CONFIG = ROOT / "handlers" / "shop.yaml"
 RELEASE, NAMESPACE = "shop", "shop"
 # The oldest version the chart supports (Chart.yaml kubeVersion) and the newest kubernetes-validate ships.
 KUBE_VERSIONS = ("1.30.0", "1.37.0")

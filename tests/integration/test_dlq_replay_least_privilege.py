@@ -3,7 +3,7 @@ on its own ``dlq.<service>`` subject, so it can write entries naming any subject
 run by an operator with admin rights, must refuse them all, one clear line each, and touch no stream.
 
 The server is this module's own (the ``shop`` fixture of test_least_privilege: the shipped configuration,
-config/shop.yaml provisioned by the admin, passwords in its environment, killed by PID in teardown).
+handlers/shop.yaml provisioned by the admin, passwords in its environment, killed by PID in teardown).
 """
 
 from __future__ import annotations

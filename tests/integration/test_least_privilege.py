@@ -29,7 +29,7 @@ from handlers.inventory import seed
 from tests.support import REPO_ROOT, App, Engine, run_cli, wait_for
 
 CONF = REPO_ROOT / "config" / "nats-server-least-privilege.conf"
-SHOP = REPO_ROOT / "config" / "shop.yaml"
+SHOP = REPO_ROOT / "handlers" / "shop.yaml"
 USERS = ("admin", "storefront", "orders", "payments", "inventory", "notifications", "audit")
 STORE_LINE = 'store_dir: "/data/jetstream"'
 
@@ -77,7 +77,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
 
 
 def _shop_config(directory: Path, url: str) -> App:
-    """config/shop.yaml pointed at the server, with the payment gateway's files in the temp dir."""
+    """handlers/shop.yaml pointed at the server, with the payment gateway's files in the temp dir."""
     raw = yaml.safe_load(SHOP.read_text())
     raw["nats"] = {"url": url, "reconnect_wait_s": 0.25}
     gateway = raw["services"]["payments"]["settings"]["gateway"]

@@ -22,6 +22,7 @@ from engine import Context, Event
 from engine.embedded import EmbeddedServer, free_port
 from engine.metrics import EXPORTED_METRICS
 from handlers.gateway import ControlFile
+from handlers.payments import STATUSES
 from tests.shop_support import order_placed, write_shop_config
 from tests.support import HANDLERS, App, Engine, count, pings, publish, publish_raw, wait_for
 from tests.unit.test_dashboard import promtool
@@ -232,7 +233,7 @@ def assert_payment_histogram(text: str) -> None:
 
 def test_shop_payments_metrics_dead_worker_files_and_failure_log(tmp_path: Path, nats_server: EmbeddedServer,
                                                                  engine: StartEngine) -> None:
-    """payments alone (config/shop.yaml, one worker), with PROMETHEUS_MULTIPROC_DIR chosen by the operator."""
+    """payments alone (handlers/shop.yaml, one worker), with PROMETHEUS_MULTIPROC_DIR chosen by the operator."""
     app = write_shop_config(tmp_path, nats_server.url, gateway={"decline_rate": 0.0, "control_poll_s": 0},
                             breaker_reset_s=300)
     metrics_dir = tmp_path / "metrics"
@@ -240,6 +241,14 @@ def test_shop_payments_metrics_dead_worker_files_and_failure_log(tmp_path: Path,
                  env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}, workers=1)
     port = port_of(run)
     uid = uuid.uuid4().hex[:8]
+
+    # Before any payment, every known status is already a series (at 0), and so is every restart reason.
+    text = scrape_until(port, lambda t: "payment_process_duration_seconds_count" in t, "the payment histogram")
+    assert {status: total(text, "payment_process_duration_seconds_count", status=status) for status in STATUSES} == \
+        dict.fromkeys(STATUSES, 0)
+    assert {s.labels["reason"] for f in text_string_to_metric_families(text) if f.name == "jetpool_worker_restarts"
+            for s in f.samples if s.labels.get("service") == "payments"} == {"boot_failed", "killed", "exited"}
+    assert_valid_exposition(text)
 
     # A charge, and a body that is not an event.
     publish(app, [order_placed(order_id=f"o-{uid}-ok")])

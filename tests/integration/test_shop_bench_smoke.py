@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_e2e, sustained_point
-from engine.demo import Summary
+from handlers.tools.load import Summary
 
 # Points long enough that the placing period yields a steady rate (Tracker.steady_rate needs >= 1 s).
 TINY = Sizes(orders=300, point_s=1.5, warmup=100, min_point_orders=100)

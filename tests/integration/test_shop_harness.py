@@ -3,7 +3,7 @@
 The harness's proof of use: ``tests/unit/test_shop_payments.py::test_an_order_is_authorized_and_recorded``
 and ``tests/unit/test_shop_orders.py::test_a_malformed_order_is_rejected`` call the handlers directly
 with in-memory state; here the same behaviour runs as deployed — routes, KV buckets, the breaker and
-the dead-letter stream of config/shop.yaml — with only the gateway's files moved into tmp_path.
+the dead-letter stream of handlers/shop.yaml — with only the gateway's files moved into tmp_path.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import pytest
 
 from engine import Event
 from engine.testing import TestApp
-from tests.shop_support import SHOP_YAML, order_placed
+from handlers import SHOP_YAML
+from tests.shop_support import order_placed
 
 pytest_plugins = ["engine.testing"]
 pytestmark = pytest.mark.usefixtures("jetpool_server")
 
 
 def shop(tmp_path: Path) -> TestApp:
-    """Payments and orders of config/shop.yaml; a gateway that answers at once and never declines."""
+    """Payments and orders of handlers/shop.yaml; a gateway that answers at once and never declines."""
     gateway = {"ledger": str(tmp_path / "ledger.sqlite"), "control_file": None, "latency_ms": 0, "jitter_ms": 0,
                "decline_rate": 0.0}
     return TestApp(SHOP_YAML, services=["payments", "orders"],

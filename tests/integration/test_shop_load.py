@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from engine.embedded import EmbeddedServer
-from tests.shop_support import SHOP_YAML, write_shop_config
+from handlers import SHOP_YAML
+from tests.shop_support import write_shop_config
 from tests.support import App, Engine, run_cli
 
 ORDERS = 100
@@ -99,7 +100,7 @@ def test_load_reports_the_checks_it_cannot_do_from_here_as_skipped(shop: App, tm
 
 
 def test_load_without_a_broker_url_exits_2_and_says_what_to_give() -> None:
-    result = run_cli(["load", "-c", str(SHOP_YAML), "--orders", "10"])  # config/shop.yaml has no nats.url
+    result = run_cli(["load", "-c", str(SHOP_YAML), "--orders", "10"])  # the shop's YAML has no nats.url
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr == ("jetpool: error: load drives a running deployment: give --nats-url "
                              "(or nats.url / JETPOOL_NATS_URL)\n")

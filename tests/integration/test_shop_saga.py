@@ -20,7 +20,6 @@ import nats
 import pytest
 
 from engine.config import load_config
-from engine.demo import dead_lettered_orders
 from engine.dlq import list_entries
 from engine.embedded import EmbeddedServer
 from engine.events import Event
@@ -28,6 +27,7 @@ from engine.state import KVState
 from handlers import inventory
 from handlers.gateway import ControlFile, SqliteLedger
 from handlers.saga import PRODUCERS
+from handlers.tools.load import dead_lettered_orders
 from tests.shop_support import order_placed, write_shop_config
 from tests.support import App, Engine, count, publish, read, run_cli, settled, wait_for
 

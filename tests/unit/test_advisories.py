@@ -16,7 +16,7 @@ from engine import advisories
 from engine.advisories import AdvisoryWatcher
 from engine.config import Config, load_config
 
-SHOP = Path(__file__).resolve().parents[2] / "config" / "shop.yaml"
+SHOP = Path(__file__).resolve().parents[2] / "handlers" / "shop.yaml"
 
 
 @pytest.fixture(scope="module")

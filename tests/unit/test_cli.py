@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from engine import cli
+from engine.errors import JetpoolError
+from handlers import SHOP_YAML
 from tests.support import REPO_ROOT, run_cli
 
 SHIPPED = sorted((REPO_ROOT / "config").glob("*.yaml"))
@@ -18,8 +23,21 @@ def test_jetpool_help_lists_the_commands() -> None:
     result = run_cli(["--help"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: jetpool ")
-    for command in ("run", "provision", "check"):
+    for command in ("run", "provision", "check", "dlq"):
         assert f"    {command}" in result.stdout
+    for command in ("demo", "load", "chaos", "audit"):  # the shop's, through the jetpool.commands entry points
+        assert f"    {command}" in result.stdout
+
+
+def test_the_engine_commands_take_no_default_config() -> None:
+    result = run_cli(["run"])
+    assert result.returncode == 2
+    assert "the following arguments are required: -c/--config" in result.stderr
+
+
+def test_config_shop_yaml_is_a_copy_of_the_installed_one() -> None:
+    assert (REPO_ROOT / "config" / "shop.yaml").read_bytes() == SHOP_YAML.read_bytes(), (
+        "handlers/shop.yaml is the shop's config: cp handlers/shop.yaml config/shop.yaml")
 
 
 def test_jetpool_run_help_lists_its_options() -> None:
@@ -121,7 +139,68 @@ def test_run_rejects_an_unknown_service(tmp_path: Path) -> None:
     (["chaos", "--orders", "0"], "argument --orders: must be at least 1, got 0"),
 ])
 def test_counts_below_one_are_usage_errors(argv: list[str], message: str) -> None:
-    config = ["-c", str(REPO_ROOT / "config" / "shop.yaml")] if argv[0] == "dlq" else []
+    config = ["-c", str(SHOP_YAML)] if argv[0] == "dlq" else []
     result = run_cli([*argv, *config])
     assert result.returncode == 2
     assert message in result.stderr
+
+
+# ---- an app's commands: the jetpool.commands entry points -------------------------------------------
+
+
+class Hello:
+    """A command as an app writes one."""
+
+    name = "hello"
+    help = "say hello"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--times", type=int, default=1)
+
+    async def run(self, args: argparse.Namespace) -> int:
+        if args.times < 0:
+            raise JetpoolError("--times: not below zero")
+        print("hello " * args.times)
+        return 7
+
+
+class Greet(Hello):
+    name = "greet"
+
+
+hello = Hello()
+not_a_command = object()
+clash = Hello()
+clash.name = "run"
+
+
+def _points(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+    points = [EntryPoint(name, value, cli.COMMANDS_GROUP) for name, value in values.items()]
+    monkeypatch.setattr(cli, "entry_points", lambda group: points if group == cli.COMMANDS_GROUP else [])
+
+
+def test_an_apps_command_runs_like_the_engines_own(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    _points(monkeypatch, hello=f"{__name__}:hello", greet=f"{__name__}:Greet")  # an object, or a class
+    assert cli.main(["hello", "--times", "2"]) == 7
+    assert capsys.readouterr().out == "hello hello \n"
+    assert cli.main(["greet"]) == 7
+    assert cli.main(["hello", "--times", "-1"]) == 2
+    assert capsys.readouterr().err == "jetpool: error: --times: not below zero\n"
+
+
+def test_an_app_command_that_does_not_load_is_reported_and_left_out(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    _points(monkeypatch, broken="no_such_app.commands:broken", odd=f"{__name__}:not_a_command",
+            run=f"{__name__}:clash", hello=f"{__name__}:hello")
+    commands = cli.app_commands()
+    assert [c.name for c in commands] == ["hello"]
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("jetpool: warning: command 'broken' (no_such_app.commands:broken) could not be loaded: "
+                             "ModuleNotFoundError")
+    assert err[1] == (f"jetpool: warning: command 'odd' ({__name__}:not_a_command) "
+                      "lacks name, help, add_arguments or run")
+    assert err[2] == f"jetpool: warning: command 'run' ({__name__}:clash): the name 'run' is taken"
+    with pytest.raises(SystemExit):
+        cli.build_parser(commands).parse_args(["run", "--help"])  # the engine's run, not the app's
+    assert "usage: jetpool run " in capsys.readouterr().out

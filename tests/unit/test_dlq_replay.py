@@ -1,5 +1,5 @@
 """What ``jetpool dlq replay`` checks before it publishes: the entry's service, stream, sequence and
-subject against the config (``config/shop.yaml``), the original against the entry, and which headers
+subject against the config (``handlers/shop.yaml``), the original against the entry, and which headers
 may be sent again. Pure functions: no broker."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from engine.dlq import (
 from engine.events import MSG_ID_HEADER
 from tests.support import REPO_ROOT
 
-SHOP: Config = load_config(REPO_ROOT / "config" / "shop.yaml", env={})
+SHOP: Config = load_config(REPO_ROOT / "handlers" / "shop.yaml", env={})
 BODY = b'{"id": "e-1", "type": "OrderConfirmed", "data": {"order_id": "o-1"}}'
 
 

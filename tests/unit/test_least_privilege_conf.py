@@ -1,4 +1,4 @@
-"""config/nats-server-least-privilege.conf stays in step with config/shop.yaml and the saga's producers.
+"""config/nats-server-least-privilege.conf stays in step with handlers/shop.yaml and the saga's producers.
 
 The integration test proves the permissions on a real server for one service; this one checks every
 user's grants against the shop's config without a server, so renaming a stream, a bucket or an event
@@ -33,7 +33,7 @@ def grants() -> dict[str, tuple[set[str], set[str]]]:
 
 @pytest.fixture(scope="module")
 def shop() -> Config:
-    return load_config(ROOT / "config" / "shop.yaml", env={})
+    return load_config(ROOT / "handlers" / "shop.yaml", env={})
 
 
 def test_every_service_and_the_storefront_has_a_user(shop: Config) -> None:

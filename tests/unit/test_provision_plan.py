@@ -14,12 +14,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_shipped_configs_cover_every_redelivery_with_their_duplicate_window() -> None:
-    for name in ("shop.yaml", "example.yaml"):
-        assert short_duplicate_windows(load_config(ROOT / "config" / name, env={})) == [], name
+    for path in (ROOT / "handlers" / "shop.yaml", ROOT / "config" / "example.yaml"):
+        assert short_duplicate_windows(load_config(path, env={})) == [], path
 
 
 def test_a_window_shorter_than_a_services_horizon_is_reported_with_both_figures() -> None:
-    raw: dict[str, Any] = yaml.safe_load((ROOT / "config" / "shop.yaml").read_text())
+    raw: dict[str, Any] = yaml.safe_load((ROOT / "handlers" / "shop.yaml").read_text())
     raw["streams"][0]["duplicate_window_s"] = 299
     short = short_duplicate_windows(parse_config(raw))
     # payments: 19 redeliveries of 30 s at least (700 s with backoff); the others: 9 of 30 s (300 s).

@@ -1,4 +1,4 @@
-"""The whole saga in memory, routed by config/shop.yaml: shuffled deliveries, duplicates, the invariants."""
+"""The whole saga in memory, routed by handlers/shop.yaml: shuffled deliveries, duplicates, the invariants."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from engine import Context, Event
 from engine.config import load_config
 from engine.dispatch import Router, build_router
 from engine.state import MemoryState
+from handlers import SHOP_YAML, inventory
 from handlers import gateway as gw
-from handlers import inventory
-from tests.shop_support import SHOP_YAML, breaker, order_placed
+from tests.shop_support import breaker, order_placed
 
 
 class Bus:

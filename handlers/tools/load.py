@@ -1,135 +1,43 @@
-"""``jetpool demo`` and ``jetpool load``: drive the shop with orders, then prove its invariants.
+"""``jetpool load`` (and the load half of ``jetpool demo``): drive the shop with orders, then prove its invariants.
 
-``demo`` runs everything on this machine: a broker (an embedded nats-server unless ``--nats-url``),
-provisioning, the engine with all five services as a ``python -m engine run`` subprocess (its own
-process group, so signals reach it only through us), then the load below, then a clean stop of every
-process it started, by PID, also on Ctrl-C. ``load`` does only the load, against a deployment that
-is already running (a Kubernetes cluster, say).
-
-The load: seed the stock of this run's skus, place orders at a rate, watch OrderConfirmed /
-OrderCancelled go by (a plain subscription; latency is measured on this machine's clock from the
-publish of OrderPlaced), wait until every order has ended, then check:
-
-- no order is lost (each ended, or is in the dead-letter stream);
-- nobody was charged twice (the gateway's ledger, when this machine can read it);
-- stock is consistent: per sku, available + reserved = seeded, reserved = what confirmed orders
-  bought, nothing half-reserved, nothing below zero;
-- the audit store holds each event of each order once (when this machine can read it).
-
-Every run uses fresh order ids and skus (a run id prefix), so runs never disturb each other's checks.
+``load`` runs against a deployment that is already running (a Kubernetes cluster, say): seed the stock
+of this run's skus, place orders at a rate, watch OrderConfirmed / OrderCancelled go by (a plain
+subscription; latency is measured on this machine's clock from the publish of OrderPlaced), wait until
+every order has ended, then check that no order is lost (each ended, or is in the dead-letter stream)
+and the invariants of :mod:`handlers.tools.invariants` (the ledger and audit checks only when this
+machine can read those files: otherwise they are reported as skipped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import os
-import random
-import signal
-import subprocess
-import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
-import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from engine.cli import broker, provision_only
 from engine.config import Config
-from engine.connection import connect, redact_url
+from engine.connection import connect
 from engine.errors import JetpoolError
 from engine.events import Event, now_iso
-from engine.lifeline import die_with_parent
 from engine.publisher import Publisher
-from engine.shop_cli import audit_service, timeline_table
 from engine.state import KVState, StateStore
 from handlers import inventory
-from handlers.audit_store import SqliteAuditStore
-from handlers.gateway import ControlFile, SqliteLedger
-from handlers.saga import ORDER_CANCELLED, ORDER_CONFIRMED, ORDER_PLACED
+from handlers.audit_store import AuditStore
+from handlers.gateway import ControlFile
+from handlers.saga import ORDER_CANCELLED, ORDER_CONFIRMED
+from handlers.tools.audit_cli import open_audit_store, timeline_table
+from handlers.tools.invariants import EVENTS_PER_ORDER, Check, check_audit, check_money, check_stock
+from handlers.tools.orders import Orders, Plan, kind_of, percentile
 
-EXIT_OK, EXIT_FAILED, EXIT_TERMINATED = 0, 1, 143
+EXIT_OK, EXIT_FAILED = 0, 1
 _MAX_UNACKED = 2000
-_EVENTS_PER_ORDER = {"confirmed": 5, "declined": 4, "out_of_stock": 6}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to send.
-
-    Attributes:
-        orders: how many orders.
-        rate: orders per second offered (0: as fast as the broker takes them).
-        skus: how many products; a tenth of them (at least one) get too little stock on purpose.
-        failure_rate: gateway failure rate during the run (None: as configured).
-        outage: (start_s, duration_s) of a gateway outage, from the first order.
-        stall_s: give up waiting when no order ended for this long.
-        seed: random seed for the orders.
-    """
-
-    orders: int = 2000
-    rate: float = 150.0
-    skus: int = 20
-    failure_rate: float | None = None
-    outage: tuple[float, float] | None = None
-    stall_s: float = 60.0
-    seed: int | None = None
-
-
-def parse_outage(text: str) -> tuple[float, float]:
-    """``START:DURATION`` in seconds, e.g. ``3:5``."""
-    start, sep, duration = text.partition(":")
-    try:
-        window = (float(start), float(duration))
-    except ValueError:
-        window = (-1.0, -1.0)
-    if not sep or window[0] < 0 or window[1] <= 0:
-        raise JetpoolError(f"--outage: expected START:DURATION in seconds (e.g. 3:5), got {text!r}")
-    return window
-
-
-# ---- the orders --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Orders:
-    """This run's orders and stock."""
-
-    run_id: str
-    events: list[Event]
-    stock: dict[str, int]
-    by_id: dict[str, Event] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.by_id = {e.aggregate_id: e for e in self.events}
-
-    @classmethod
-    def make(cls, plan: Plan) -> Orders:
-        rng = random.Random(plan.seed)
-        run_id = uuid.uuid4().hex[:8]
-        skus = [f"{run_id}-sku-{k:02d}" for k in range(max(1, plan.skus))]
-        events = []
-        for n in range(plan.orders):
-            order_id = f"{run_id}-{n:06d}"
-            events.append(Event(type=ORDER_PLACED, aggregate_id=order_id, data={
-                "order_id": order_id, "customer_id": f"c-{rng.randint(1, 500)}", "sku": rng.choice(skus),
-                "qty": rng.randint(1, 3), "amount_cents": rng.randint(500, 25_000)}))
-        demand = Counter[str]()
-        for e in events:
-            demand[e.data["sku"]] += e.data["qty"]
-        scarce = max(1, len(skus) // 10)
-        stock = {sku: int(demand[sku] * (0.5 if k < scarce else 1.5)) + 1 for k, sku in enumerate(skus)}
-        return cls(run_id, events, stock)
-
-    def line(self, order_id: str) -> dict[str, Any]:
-        return self.by_id[order_id].data
 
 
 # ---- watching orders end -------------------------------------------------------------------------
@@ -222,6 +130,10 @@ class Outcome:
 
     def check(self, ok: bool, text: str) -> None:
         self.lines.append(("passed" if ok else "failed", text))
+
+    def add(self, check: Check) -> None:
+        """An invariant's line: its summary, then each problem in red."""
+        self.check(check.ok, check.summary + "".join(f"; [red]{p}[/]" for p in check.problems))
 
     def skip(self, check: str, why: str) -> None:
         """A check this machine cannot do (e.g. the deployment's files are elsewhere): neither ✔ nor ✘."""
@@ -432,11 +344,11 @@ class ShopLoad:
         """Order id -> confirmed | declined | out_of_stock, for every order that ended."""
         kinds: dict[str, str] = {}
         for oid, (_, event_type, reason) in self.tracker.ended.items():
-            kinds[oid] = _kind(event_type == ORDER_CONFIRMED, reason)
+            kinds[oid] = kind_of(event_type == ORDER_CONFIRMED, reason)
         for oid, record in records.items():
             if record and record.get("terminal"):
                 terminal = record["terminal"]
-                kinds[oid] = _kind(terminal["type"] == ORDER_CONFIRMED, terminal["reason"])
+                kinds[oid] = kind_of(terminal["type"] == ORDER_CONFIRMED, terminal["reason"])
         return kinds
 
     def _print_numbers(self, kinds: dict[str, str], dead: set[str]) -> None:
@@ -460,67 +372,23 @@ class ShopLoad:
             outcome.skip("double-charge check", f"the gateway ledger {path} is not on this machine" if path
                          else f"{self.cfg.source} names no gateway ledger (payments settings.gateway.ledger)")
             return
-        ledger = SqliteLedger(path)
-        try:
-            moves = {oid: [kind for kind, _ in ledger.movements(oid)] for oid in self.orders.by_id}
-        finally:
-            ledger.close()
-        doubles = [oid for oid, m in moves.items() if m.count("charge") > 1 or m.count("refund") > 1]
-        charged = sum(1 for m in moves.values() if "charge" in m)
-        refunds = sum(1 for m in moves.values() if "refund" in m)
-        wrong = [oid for oid, kind in kinds.items()
-                 if ("charge" in moves[oid]) != (kind != "declined")
-                 or ("refund" in moves[oid]) != (kind == "out_of_stock")]
-        outcome.check(not doubles and not wrong,
-                      f"no double charge: {charged} orders charged once, {refunds} refunded once"
-                      + (f"; [red]{len(doubles)} charged or refunded twice[/]" if doubles else "")
-                      + (f"; [red]{len(wrong)} orders' money does not match their end (e.g. {wrong[0]})[/]"
-                         if wrong else ""))
+        outcome.add(check_money(path, self.orders.by_id, kinds))
 
     async def _check_stock(self, store: StateStore, outcome: Outcome, kinds: dict[str, str]) -> None:
-        sold = Counter[str]()
-        for oid, kind in kinds.items():
-            if kind == "confirmed":
-                line = self.orders.line(oid)
-                sold[line["sku"]] += line["qty"]
-        problems = []
-        for sku, seeded in self.orders.stock.items():
-            level, _ = await store.get(inventory.sku_key(sku))
-            level = level or {"available": 0, "reserved": 0, "pending": {}}
-            if (level["available"] < 0 or level["available"] + level["reserved"] != seeded
-                    or level["reserved"] != sold[sku] or level["pending"]):
-                problems.append(f"{sku}: seeded {seeded}, sold {sold[sku]}, now {level}")
-        total = sum(self.orders.stock.values())
-        outcome.check(not problems, f"stock consistent over {len(self.orders.stock)} skus: {sum(sold.values())} "
-                                    f"of {total} units sold, none oversold, none left half-reserved"
-                      + (f"; [red]{problems[0]}[/]" if problems else ""))
+        outcome.add(await check_stock(store, self.orders, kinds))
 
     async def _check_audit(self, outcome: Outcome, kinds: dict[str, str]) -> Any:
-        try:
-            service = audit_service(self.cfg)
-        except JetpoolError as exc:
-            outcome.skip("audit check", str(exc))
-            return None
-        path = Path(str(self.cfg.services[service].settings.get("db_path", "")))
-        if not path.exists():
-            outcome.skip("audit check", f"the audit store {path} is not on this machine")
-            return None
-        store = SqliteAuditStore(path)
-        try:
-            expected = sum(_EVENTS_PER_ORDER[k] for k in kinds.values())
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                store, _ = await stack.enter_async_context(open_audit_store(self.cfg, start=False))
+            except JetpoolError as exc:  # no audit service, or a store this machine cannot reach
+                outcome.skip("audit check", str(exc))
+                return None
+            expected = sum(EVENTS_PER_ORDER[k] for k in kinds.values())
             stored = await _wait_audit(store, self.orders.run_id, expected)
-            outcome.check(stored == expected, f"audit: {stored} events stored once each "
-                                              f"(expected {expected} for the orders that ended)")
+            outcome.add(check_audit(stored, expected, "for the orders that ended"))
             example = _example(kinds)
             return timeline_table(example, await store.timeline(example)) if example else None
-        finally:
-            store.close()
-
-
-def _kind(confirmed: bool, reason: str) -> str:
-    if confirmed:
-        return "confirmed"
-    return "declined" if reason.startswith("payment declined") else "out_of_stock"
 
 
 def _example(kinds: dict[str, str]) -> str | None:
@@ -532,7 +400,7 @@ def _example(kinds: dict[str, str]) -> str | None:
     return None
 
 
-async def _wait_audit(store: SqliteAuditStore, run_id: str, expected: int, timeout_s: float = 30.0) -> int:
+async def _wait_audit(store: AuditStore, run_id: str, expected: int, timeout_s: float = 30.0) -> int:
     """Audit runs behind the saga: give it a moment to catch up."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -540,14 +408,6 @@ async def _wait_audit(store: SqliteAuditStore, run_id: str, expected: int, timeo
         if stored >= expected or time.monotonic() > deadline:
             return stored
         await asyncio.sleep(0.2)
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return 0.0
-    rank = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[rank]
 
 
 async def _dlq_last_seq(js: Any, cfg: Config) -> int:
@@ -575,157 +435,17 @@ async def dead_lettered_orders(js: Any, cfg: Config, after_seq: int, run_id: str
     return found
 
 
-# ---- the engine subprocess -----------------------------------------------------------------------
-
-
-class EngineProcess:
-    """``python -m engine run`` in its own session, logging to a file; stopped by PID, children included.
-
-    Args:
-        config_path: the YAML file.
-        url: the broker; given in the environment (``JETPOOL_NATS_URL``), never in the argv, which
-            ``ps`` shows to every user of the machine.
-        log_path: where its output goes.
-        env: extra environment (e.g. ``JETPOOL__...`` overrides).
-        log_level: the config's log level (the engine logs at least ``info``).
-    """
-
-    def __init__(self, config_path: str, url: str, log_path: Path, env: dict[str, str],
-                 log_level: str = "info") -> None:
-        self.config_path = config_path
-        self.log_level = log_level
-        self.url = url
-        self.log_path = log_path
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._seen: dict[int, psutil.Process] = {}
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # Readiness is read from the log's worker.started lines, so the log keeps at least info level.
-        command = [sys.executable, "-m", "engine", "run", "-c", self.config_path,
-                   "--no-provision", "--log-level", "debug" if self.log_level == "debug" else "info"]
-        # The URL (which may hold a password) goes in the environment, not the argv; JETPOOL__NATS__URL
-        # would take precedence over it, so it is dropped.
-        env = {k: v for k, v in {**os.environ, **self.env}.items() if k.upper() != "JETPOOL__NATS__URL"}
-        env["JETPOOL_NATS_URL"] = self.url
-        with open(self.log_path, "ab") as out:
-            # Tied to this (main) thread: a SIGKILLed demo leaves no engine consuming behind it. SIGHUP,
-            # which the supervisor drains on however many times it comes (once per exiting thread).
-            self.proc = subprocess.Popen(command, stdout=out, stderr=out, env=env,
-                                         start_new_session=True, preexec_fn=die_with_parent(signal.SIGHUP))
-
-    async def wait_ready(self, workers: int, timeout_s: float = 60.0) -> None:
-        """Wait for ``workers`` worker.started lines of this process's log."""
-        assert self.proc is not None
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise JetpoolError(f"the engine exited with code {self.proc.returncode}; see {self.log_path}")
-            with open(self.log_path, "rb") as log:
-                log.seek(offset)
-                if log.read().count(b'"worker.started"') >= workers:
-                    self._remember_children()
-                    return
-            await asyncio.sleep(0.1)
-        raise JetpoolError(f"the engine did not start {workers} workers within {timeout_s:g}s; see {self.log_path}")
-
-    def _remember_children(self) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                self._seen[child.pid] = child
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (the engine drains), then SIGKILL whatever of its tree is left; the exit code."""
-        if self.proc is None:
-            return None
-        self._remember_children()
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=timeout_s)
-        finally:
-            self.kill()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL the supervisor and every worker it had, by PID (the psutil handle checks PID reuse)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.kill()
-        for child in self._seen.values():
-            with contextlib.suppress(psutil.Error):
-                if child.is_running():
-                    child.kill()
-        psutil.wait_procs(list(self._seen.values()), timeout=10)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-
-
-async def run_demo(cfg: Config, plan: Plan, log_path: Path, breaker_reset_s: float | None,
-                   console: Console | None = None) -> int:
-    """The whole demo: broker, provision, engine, load, report, stop. SIGTERM stops it like Ctrl-C does."""
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    terminated = False
-
-    def on_sigterm() -> None:
-        nonlocal terminated
-        terminated = True
-        task.cancel()
-
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    try:
-        async with broker(cfg) as live:
-            return await _demo_on(live, plan, log_path, breaker_reset_s, console or Console())
-    except asyncio.CancelledError:
-        if not terminated:
-            raise  # Ctrl-C: asyncio turns it back into KeyboardInterrupt
-        return EXIT_TERMINATED
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
-
-
-async def _demo_on(cfg: Config, plan: Plan, log_path: Path, breaker_reset_s: float | None, console: Console) -> int:
-    await provision_only(cfg)
-    env = {"JETPOOL_HTTP_PORT": os.environ.get("JETPOOL_HTTP_PORT", "0")}
-    if breaker_reset_s is not None:
-        env["JETPOOL__BREAKERS__PAYMENT_GATEWAY__RESET_TIMEOUT_S"] = str(breaker_reset_s)
-    workers = sum(svc.workers for svc in cfg.services.values())
-    engine = EngineProcess(cfg.source, str(cfg.nats.url), log_path, env, cfg.log.level)
-    console.print(f"jetpool demo: broker {redact_url(str(cfg.nats.url))}, {len(cfg.services)} services in "
-                  f"{workers} worker processes (log: {log_path})")
-    breaker = cfg.breakers.get("payment_gateway")
-    reset_s = breaker_reset_s if breaker_reset_s is not None else breaker.reset_timeout_s if breaker else None
-    if plan.outage is not None and reset_s is not None:
-        console.print(f"the payment_gateway breaker waits {reset_s:g}s before each trial after it opens"
-                      + ("" if breaker_reset_s is not None else " (--breaker-reset-s changes that)"))
-    engine.start()
-    try:
-        await engine.wait_ready(workers)
-        console.print(_describe(plan))
-        code = await ShopLoad(cfg, plan, console).run()
-    except BaseException:
-        engine.kill()  # Ctrl-C or a failure: no drain, just make sure nothing is left behind
-        raise
-    exit_code = await asyncio.to_thread(engine.stop)
-    if exit_code not in (0, None):
-        console.print(f"[yellow]the engine exited with code {exit_code} (see {log_path})[/]")
-    return code
 
 
 async def run_load(cfg: Config, plan: Plan, console: Console | None = None) -> int:
     """Only the load, against a running deployment."""
     console = console or Console()
-    console.print(_describe(plan))
+    console.print(describe(plan))
     return await ShopLoad(cfg, plan, console).run()
 
 
-def _describe(plan: Plan) -> str:
+def describe(plan: Plan) -> str:
+    """The plan in words, for the console."""
     parts = [f"{plan.orders} orders", "unthrottled" if not plan.rate else f"at {plan.rate:g}/s",
              f"{plan.skus} skus"]
     if plan.failure_rate is not None:

@@ -1,0 +1,85 @@
+"""``jetpool demo``: the whole shop on this machine, its load, its invariants, and a clean stop.
+
+The demo runs a broker (an embedded nats-server unless ``--nats-url``), provisions the shop, starts
+the engine with all five services as a ``python -m engine run`` process tree
+(:class:`engine.process.EngineProcess`: its own session, so signals reach it only through us), runs
+the load of :mod:`handlers.tools.load` against it, then stops every process it started, by PID, also
+on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from rich.console import Console
+
+from engine.config import Config
+from engine.connection import redact_url
+from engine.process import EngineProcess
+from engine.runtime import broker, provision_only
+from handlers.tools.audit_cli import shop_database_for
+from handlers.tools.load import ShopLoad, describe
+from handlers.tools.orders import Plan
+
+EXIT_TERMINATED = 143
+
+
+async def run_demo(cfg: Config, plan: Plan, log_path: Path, breaker_reset_s: float | None,
+                   console: Console | None = None) -> int:
+    """The whole demo: broker, provision, engine, load, report, stop. SIGTERM stops it like Ctrl-C does."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        # The shop's database (embedded unless JETPOOL_SHOP_DATABASE_URL is set) before the engine, stopped after it.
+        async with broker(cfg) as live, shop_database_for(live):
+            return await _demo_on(live, plan, log_path, breaker_reset_s, console or Console())
+    except asyncio.CancelledError:
+        if not terminated:
+            raise  # Ctrl-C: asyncio turns it back into KeyboardInterrupt
+        return EXIT_TERMINATED
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _demo_on(cfg: Config, plan: Plan, log_path: Path, breaker_reset_s: float | None, console: Console) -> int:
+    await provision_only(cfg)
+    env = {"JETPOOL_HTTP_PORT": os.environ.get("JETPOOL_HTTP_PORT", "0")}
+    if breaker_reset_s is not None:
+        env["JETPOOL__BREAKERS__PAYMENT_GATEWAY__RESET_TIMEOUT_S"] = str(breaker_reset_s)
+    workers = sum(svc.workers for svc in cfg.services.values())
+    # Readiness is read from the log's worker.started lines, so the log keeps at least info level.
+    level = "debug" if cfg.log.level == "debug" else "info"
+    # Tied to this (main) thread: a SIGKILLed demo leaves no engine consuming behind it.
+    engine = EngineProcess(cfg.source, log_path, env={**os.environ, **env}, nats_url=str(cfg.nats.url),
+                           args=["--no-provision", "--log-level", level], tied=True)
+    console.print(f"jetpool demo: broker {redact_url(str(cfg.nats.url))}, {len(cfg.services)} services in "
+                  f"{workers} worker processes (log: {log_path})")
+    breaker = cfg.breakers.get("payment_gateway")
+    reset_s = breaker_reset_s if breaker_reset_s is not None else breaker.reset_timeout_s if breaker else None
+    if plan.outage is not None and reset_s is not None:
+        console.print(f"the payment_gateway breaker waits {reset_s:g}s before each trial after it opens"
+                      + ("" if breaker_reset_s is not None else " (--breaker-reset-s changes that)"))
+    engine.start()
+    try:
+        await engine.wait_workers_async(workers)
+        console.print(describe(plan))
+        code = await ShopLoad(cfg, plan, console).run()
+    except BaseException:
+        engine.kill_tree()  # Ctrl-C or a failure: no drain, just make sure nothing is left behind
+        raise
+    exit_code = await asyncio.to_thread(engine.stop)
+    if exit_code not in (0, None):
+        console.print(f"[yellow]the engine exited with code {exit_code} (see {log_path})[/]")
+    return code
