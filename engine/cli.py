@@ -42,6 +42,7 @@ from engine.connection import connect, redact_url
 from engine.dispatch import build_router
 from engine.errors import JetpoolError
 from engine.logs import configure_logging
+from engine.metrics import prepare_multiprocess_dir
 from engine.runtime import broker, positive_int, provision_only, with_overrides
 from engine.supervisor import Supervisor, check_cpus
 
@@ -185,6 +186,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
     for service in services:
         build_router(cfg, service)  # fail on a bad route before any process starts
     check_cpus(cfg, services)
+    # Before the first connection: connecting already writes a metric (engine.transport's fast path),
+    # into this directory when the operator chose one; the supervisor empties it again before workers start.
+    prepare_multiprocess_dir()
     async with broker(cfg) as live:
         if not args.no_provision:
             await provision_only(live, services)

@@ -25,8 +25,9 @@ from typing import Any, Protocol
 import orjson
 
 from engine.events import Event
-from handlers.database import Database, Schema, shared
+from handlers.database import Database, shared
 from handlers.saga import PRODUCERS
+from handlers.schemas import AUDIT_SCHEMA
 from handlers.sqlite import open_db
 
 
@@ -123,21 +124,6 @@ class _GroupCommit:
                 done.set_result(None)
 
 
-AUDIT_SCHEMA = Schema("audit", (
-    """CREATE TABLE IF NOT EXISTS audit.events (
-        event_id    text PRIMARY KEY,
-        order_id    text NOT NULL,
-        type        text NOT NULL,
-        service     text NOT NULL,
-        occurred_at timestamptz NOT NULL,
-        timestamp   text NOT NULL,
-        stream_seq  bigint NOT NULL,
-        data        jsonb NOT NULL,
-        stored_at   timestamptz NOT NULL DEFAULT now());
-    CREATE INDEX IF NOT EXISTS events_order ON audit.events (order_id, occurred_at, stream_seq);
-    CREATE INDEX IF NOT EXISTS events_time ON audit.events (occurred_at);
-    COMMENT ON TABLE audit.events IS 'Every event of the shop once, by event id; append-only';""",
-))
 _PG_INSERT = """INSERT INTO audit.events (event_id, order_id, type, service, occurred_at, timestamp, stream_seq, data)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING"""
 _PG_COLUMNS = "event_id, order_id, type, service, timestamp, stream_seq, data::text"

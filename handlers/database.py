@@ -37,11 +37,11 @@ from typing import Any
 from urllib.parse import quote
 
 import asyncpg  # type: ignore[import-untyped]  # ships no type information
-import psutil
 import structlog
 
 from engine.errors import JetpoolError
 from engine.lifeline import die_with_parent
+from handlers.schemas import Schema, shop_schemas
 
 log = structlog.get_logger("jetpool.shop.database")
 
@@ -55,26 +55,6 @@ _MIGRATION_LOCK = 0x6A6574706F6F6C  # "jetpool": the advisory lock every migrate
 
 class DatabaseError(JetpoolError):
     """The shop's database cannot be found, started or migrated."""
-
-
-@dataclass(frozen=True, slots=True)
-class Schema:
-    """A concern's PostgreSQL schema and its migrations.
-
-    Attributes:
-        name: the schema's name (``audit``, ``ledger``), also the key of its migrations.
-        migrations: SQL scripts, version 1 first; append new ones, never edit an applied one.
-    """
-
-    name: str
-    migrations: tuple[str, ...]
-
-
-def shop_schemas() -> tuple[Schema, ...]:
-    """Every schema the shop uses (what provisioning creates)."""
-    from handlers.audit_store import AUDIT_SCHEMA  # the stores import this module
-
-    return (AUDIT_SCHEMA,)
 
 
 async def migrate(conn: asyncpg.Connection, schemas: Sequence[Schema]) -> list[tuple[str, int]]:
@@ -249,8 +229,8 @@ class EmbeddedPostgres:
             return None
         try:
             # The file outlives a killed server, and its PID may have been reused since.
-            alive = psutil.Process(pid).name() == "postgres"
-        except psutil.Error:
+            alive = Path(f"/proc/{pid}/comm").read_text().strip() == "postgres"
+        except OSError:
             alive = False
         return Postmaster(pid, Path(socket_dir), port) if alive and status == "ready" and socket_dir else None
 

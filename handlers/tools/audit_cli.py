@@ -25,8 +25,9 @@ from engine.connection import connect, redact_url
 from engine.errors import ConfigError, MalformedEvent
 from engine.events import Event, check_subject
 from handlers.audit import describe
-from handlers.audit_store import AUDIT_SCHEMA, AuditRecord, AuditStore, PostgresAuditStore, SqliteAuditStore
+from handlers.audit_store import AuditRecord, AuditStore, PostgresAuditStore, SqliteAuditStore
 from handlers.database import DatabaseError, database_url, shop_database
+from handlers.schemas import AUDIT_SCHEMA
 
 AUDIT_HANDLER = "handlers.audit:record"
 _BATCH = 1000

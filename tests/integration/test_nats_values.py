@@ -61,7 +61,7 @@ async def write_everywhere(url: str) -> dict[str, str]:
                     for n in range(3):  # a memory bucket with no memory store took the first, not the second
                         await kv.put(f"probe.{n}", b"{}")
                 else:
-                    subject = info.config.subjects[0].replace(">", "probe").replace("*", "probe")
+                    subject = (info.config.subjects or [""])[0].replace(">", "probe").replace("*", "probe")
                     for _ in range(3):
                         await js.publish(subject, b"{}", timeout=10)
                 results[name] = "ok"

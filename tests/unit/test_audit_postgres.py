@@ -13,9 +13,10 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from handlers import audit
-from handlers.audit_store import AUDIT_SCHEMA, AuditRecord, PostgresAuditStore
-from handlers.database import DATABASE_URL_ENV, EmbeddedPostgres, Schema, provision, shop_database
+from handlers.audit_store import AuditRecord, PostgresAuditStore
+from handlers.database import DATABASE_URL_ENV, EmbeddedPostgres, provision, shop_database
 from handlers.saga import Order
+from handlers.schemas import AUDIT_SCHEMA, Schema
 from tests.shop_support import context, order_placed
 
 T = TypeVar("T")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 
 from engine import cli
@@ -172,6 +174,14 @@ hello = Hello()
 not_a_command = object()
 clash = Hello()
 clash.name = "run"
+
+
+@pytest.fixture(autouse=True)
+def _logging_back_to_defaults() -> Iterator[None]:
+    """cli.main configures structlog to print to the stderr of its moment (here a capture that closes
+    after the test): later tests must not log into it."""
+    yield
+    structlog.reset_defaults()
 
 
 def _points(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
