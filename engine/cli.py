@@ -26,13 +26,16 @@ A command that fails to load is reported on stderr and left out; the engine's co
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 import orjson
+import structlog
 import uvloop
 from nats.js.errors import NotFoundError
 
@@ -43,10 +46,11 @@ from engine.dispatch import build_router
 from engine.errors import JetpoolError
 from engine.logs import configure_logging
 from engine.metrics import prepare_multiprocess_dir
-from engine.runtime import broker, positive_int, provision_only, with_overrides
+from engine.runtime import broker, positive_int, provision_only, resolve_sidecars, sidecars, with_overrides
 from engine.supervisor import Supervisor, check_cpus
 
 COMMANDS_GROUP = "jetpool.commands"
+log = structlog.get_logger("jetpool.cli")
 
 
 @runtime_checkable
@@ -86,6 +90,8 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
                      help="run only this service (repeatable); default: all services")
     run.add_argument("--no-provision", action="store_true",
                      help="do not create/update streams and consumers before starting")
+    run.add_argument("--no-sidecars", action="store_true",
+                     help="do not start the config's sidecars (in Kubernetes each is its own Deployment)")
     run.add_argument("--http-port", type=int, metavar="N",
                      help="port of /health, /ready and /metrics (default 8080, 0 = any free port)")
 
@@ -177,6 +183,21 @@ _LOGGING_COMMANDS = ("run", "provision", "dlq")
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
+    # From the first line SIGTERM/SIGINT stop the run: as a container's PID 1 a signal without a handler
+    # is ignored, and a pod deleted while this connects or provisions would wait out its grace period.
+    # The supervisor installs its own handlers (drain) once the workers start.
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        return await _run(args)
+    except asyncio.CancelledError:
+        log.info("run.stopped", before="the workers started")
+        return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
     cfg = load(args)
     services = args.service or list(cfg.services)
     unknown = [s for s in services if s not in cfg.services]
@@ -189,7 +210,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     # Before the first connection: connecting already writes a metric (engine.transport's fast path),
     # into this directory when the operator chose one; the supervisor empties it again before workers start.
     prepare_multiprocess_dir()
-    async with broker(cfg) as live:
+    hooks = [] if args.no_sidecars else resolve_sidecars(cfg)
+    async with broker(cfg) as live, sidecars(live, hooks):
         if not args.no_provision:
             await provision_only(live, services)
         return await Supervisor(live, services).run()
@@ -342,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = app_commands()
     args = build_parser(commands).parse_args(argv)
     app = {c.name: c for c in commands}.get(args.command)
+    if args.command == "run":
+        # Until the event loop takes over (cmd_run), a SIGTERM ends the process at once: nothing runs yet.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         if args.command == "check":
             return cmd_check(args)

@@ -177,7 +177,7 @@ class ServiceConfig(_Frozen):
         for target in setup:
             module, _, func = target.partition(":")
             if not module or not func:
-                raise PydanticCustomError("jetpool_route", "setup: expected 'module:function', got {got}",
+                raise PydanticCustomError("jetpool_route", "expected 'module:function', got {got}",
                                           {"got": repr(target)})
         return setup
 
@@ -254,7 +254,20 @@ class Config(_Frozen):
     supervisor: SupervisorConfig = SupervisorConfig()
     http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
+    # 'module:function' giving an async context manager, entered by `jetpool run` around its workers:
+    # the app's local companions (a database, an HTTP front end...); `--no-sidecars` leaves them out.
+    sidecars: list[str] = Field(default_factory=list)
     source: str = Field(default="<config>", exclude=True)
+
+    @field_validator("sidecars")
+    @classmethod
+    def _sidecars_are_targets(cls, sidecars: list[str]) -> list[str]:
+        for target in sidecars:
+            module, _, func = target.partition(":")
+            if not module or not func:
+                raise PydanticCustomError("jetpool_route", "expected 'module:function', got {got}",
+                                          {"got": repr(target)})
+        return sidecars
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Config:

@@ -147,7 +147,7 @@ def build_router(config: Config, service: str, middleware: Sequence[Middleware] 
 
 def resolve_setup(target: str, where: str) -> Setup:
     """Import ``module:function`` and check it takes (ctx)."""
-    func = _import(target, where)
+    func = import_target(target, where)
     try:
         inspect.signature(func).bind(None)
     except TypeError:
@@ -158,7 +158,7 @@ def resolve_setup(target: str, where: str) -> Setup:
 
 def resolve_handler(target: str, where: str) -> Handler:
     """Import ``module:function`` and check it is an async function taking (event, ctx)."""
-    func = _import(target, where)
+    func = import_target(target, where)
     if not inspect.iscoroutinefunction(func):
         raise ConfigError(f"{where}: {target!r} must be an 'async def' function")
     try:
@@ -169,7 +169,7 @@ def resolve_handler(target: str, where: str) -> Handler:
     return handler
 
 
-def _import(target: str, where: str) -> Any:
+def import_target(target: str, where: str) -> Any:
     """The callable ``module:function`` names; errors name where it was configured."""
     module_name, _, func_name = target.partition(":")
     try:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from engine.config import Config
 from engine.connection import connect
+from engine.dispatch import import_target
 from engine.embedded import EmbeddedServer
 from engine.provision import provision
 
@@ -70,3 +72,24 @@ async def provision_only(cfg: Config, services: Sequence[str] | None = None) -> 
         await provision(nc.jetstream(), cfg, services)
     finally:
         await nc.close()
+
+
+Sidecar = Callable[[Config], AbstractAsyncContextManager[Any]]
+
+
+def resolve_sidecars(cfg: Config) -> list[Sidecar]:
+    """The config's ``sidecars``, imported (a bad one is a ConfigError naming its key path)."""
+    return [import_target(target, f"{cfg.source}: sidecars[{i}]") for i, target in enumerate(cfg.sidecars)]
+
+
+@asynccontextmanager
+async def sidecars(cfg: Config, hooks: Sequence[Sidecar]) -> AsyncIterator[None]:
+    """Enter each sidecar in order (given the config with a reachable broker), exit them in reverse.
+
+    A sidecar may export settings to the workers through ``os.environ`` (they inherit it), e.g. the
+    address of the database it started.
+    """
+    async with AsyncExitStack() as stack:
+        for hook in hooks:
+            await stack.enter_async_context(hook(cfg))
+        yield
