@@ -57,5 +57,5 @@ def test_a_bad_sidecar_names_its_key_path() -> None:
     with pytest.raises(ConfigError, match=r"^app\.yaml: sidecars\[1\]: module 'test_x' has no function|"
                                           r"^app\.yaml: sidecars\[1\]: cannot import module 'nowhere'"):
         resolve_sidecars(config(f"{__name__}:first", "nowhere:at_all"))
-    with pytest.raises(ConfigError, match="^app.yaml: sidecars: expected 'module:function', got 'no-colon'$"):
+    with pytest.raises(ConfigError, match=r"^app\.yaml: sidecars: expected 'module:function', got 'no-colon'$"):
         config("no-colon")
