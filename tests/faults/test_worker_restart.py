@@ -38,6 +38,7 @@ def test_killed_worker_is_restarted_on_its_cpu_and_events_keep_flowing(make_conf
     first = pings(400, sleep_s=0.1)
     publish(app, first)
     wait_for(lambda: count(app, "Pong") >= 40, 60, "the first Pongs", detail=run.tail)
+    logged_before = len(run.records())
     os.kill(victim, signal.SIGKILL)  # with work in flight: its deliveries are never acked
 
     def replaced() -> int | None:
@@ -51,7 +52,13 @@ def test_killed_worker_is_restarted_on_its_cpu_and_events_keep_flowing(make_conf
     assert run.worker_pids()[("echo", 1)] == survivor  # the other slot was left alone
     assert os.sched_getaffinity(new_pid) == victim_cpus  # the slot keeps its CPU across restarts
     exits = run.records("worker.exited")
-    assert [(e["worker"], e["pid"], e["code"]) for e in exits] == [(0, victim, -signal.SIGKILL)]
+    assert [(e["worker"], e["pid"], e["code"], e["signal"], e["ready"]) for e in exits] == [
+        (0, victim, -signal.SIGKILL, "SIGKILL", True)]
+    # The supervisor says it once, and nothing (no standard library traceback) says more.
+    run.wait_workers(3)
+    said = [r["event"] for r in run.records()[logged_before:] if r.get("pid") not in (new_pid, survivor)]
+    assert said == ["worker.exited"], said
+    assert "Traceback" not in run.log_text()
 
     second = pings(200)
     publish(app, second)
