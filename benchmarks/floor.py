@@ -178,11 +178,14 @@ def run_workers(
     mode: Mode,
     options: dict[str, Any] | None = None,
     timeout_s: float = 600.0,
+    on_go: Callable[[list[int]], None] | None = None,
 ) -> dict[str, Any]:
     """Start ``processes`` spawned workers running ``target`` and measure them from first message to last ack.
 
     Start-up is excluded: workers connect, say ready, and only start pulling once all are ready.
-    Every worker is stopped by its PID before this returns, also on failure.
+    Every worker is stopped by its PID before this returns, also on failure. ``on_go``, if given, is
+    called with the workers' PIDs once they were told to go (an observer reading their /proc, for
+    example); it must return at once.
 
     Returns:
         ``{"msgs", "seconds", "msg_per_s", "peak_rss_mib_per_proc"}``.
@@ -197,6 +200,8 @@ def run_workers(
             proc.start()
         _collect(spec, procs, "ready", READY_TIMEOUT_S)
         spec.go.set()
+        if on_go is not None:
+            on_go([proc.pid for proc in procs if proc.pid is not None])
         results = _collect(spec, procs, "result", timeout_s)
         for proc in procs:
             proc.join(DRAIN_TIMEOUT_S)
@@ -473,6 +478,7 @@ def run_floor(
     credit: int = CREDIT,
     max_in_flight: int = MAX_IN_FLIGHT,
     timeout_s: float = 600.0,
+    on_go: Callable[[list[int]], None] | None = None,
 ) -> dict[str, Any]:
     """Measure the floor: ``processes`` workers drain ``n_total`` inputs from the ``bench`` consumer.
 
@@ -484,9 +490,10 @@ def run_floor(
         credit: messages per pull request.
         max_in_flight: per-worker bound on requested plus unacked inputs.
         timeout_s: give up (and stop the workers) after this long.
+        on_go: called with the workers' PIDs once they may start pulling (see :func:`run_workers`).
 
     Returns:
         ``{"msgs", "seconds", "msg_per_s", "peak_rss_mib_per_proc"}``.
     """
     options = {"credit": credit, "max_in_flight": max_in_flight}
-    return run_workers(floor_child, url, n_total, processes, mode, options, timeout_s)
+    return run_workers(floor_child, url, n_total, processes, mode, options, timeout_s, on_go)
