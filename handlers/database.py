@@ -358,6 +358,14 @@ async def shop_database(data_dir: Path = DEFAULT_DATA_DIR, schemas: Sequence[Sch
             await asyncio.to_thread(server.stop)
 
 
+@contextlib.asynccontextmanager
+async def sidecar(config: Any) -> AsyncIterator[None]:
+    """``jetpool run``'s sidecar (``handlers.database:sidecar`` in the config's ``sidecars``): the shop's
+    database around the workers, exactly as :func:`shop_database` (embedded unless configured)."""
+    async with shop_database():
+        yield
+
+
 async def _main(argv: Sequence[str]) -> int:
     """``python -m handlers.database run -- COMMAND...``: the shop's database around a command;
     ``provision``: migrate the configured (or running embedded) database; ``url``: print its DSN."""

@@ -5,9 +5,13 @@ or duplicated OrderPlaced answers from the record without calling the gateway; a
 the order id as idempotency key, so a charge whose record was never written (the worker died, the
 response was lost) is replayed by the gateway instead of charged again.
 
-Gateway calls go through the ``payment_gateway`` circuit breaker. A transient gateway error
-propagates (the engine retries with backoff); an open breaker raises ``BreakerOpen``, which the
-engine treats as "wait", not as the event's fault. A decline is an answer, not an error.
+The gateway is its own HTTP service (:mod:`handlers.gateway`); each worker process calls it through
+one pooled client session (``settings.gateway``: ``connect_timeout_s``, ``timeout_s``,
+``max_connections``; its URL from ``JETPOOL_SHOP_GATEWAY_URL``). Calls go through the
+``payment_gateway`` circuit breaker: a timeout, a lost connection or a 5xx propagates (the breaker
+counts it, the engine retries with backoff); an open breaker raises ``BreakerOpen``, which the engine
+treats as "wait", not as the event's fault. A decline is an answer, not an error; a request the
+gateway refuses as malformed is rejected (dead-lettered), since no retry can fix it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from prometheus_client import Histogram
 from engine import Context, Event, Reject
 from engine.breaker import BreakerOpen
 from engine.state import Conflict, StateStore, Value
-from handlers.gateway import PaymentGateway, Result, gateway_for
+from handlers.gateway import GatewayClient, Result, gateway_for
 from handlers.saga import PAYMENT_AUTHORIZED, PAYMENT_DECLINED, PAYMENT_REFUNDED, Order
 
 PAYMENT_SECONDS = Histogram(
@@ -30,7 +34,7 @@ PAYMENT_SECONDS = Histogram(
     ["status"],
     buckets=(0.1, 0.3, 1, 3),
 )
-STATUSES = ("authorized", "declined", "refunded", "error", "breaker_open")
+STATUSES = ("authorized", "declined", "refunded", "invalid", "error", "breaker_open")
 
 BREAKER = "payment_gateway"
 
@@ -51,6 +55,7 @@ async def charge(event: Event, ctx: Context) -> Event:
         gateway = _gateway(ctx)
         result = await _through_breaker(ctx, gateway.charge, order.order_id, order.amount_cents,
                                         f"charge-{order.order_id}")
+        _refuse_invalid(order.order_id, result)
         record = await _create_or_read(payments, order.order_id, {
             "status": result.status, "charge_id": result.reference, "reason": result.reason,
             "amount_cents": order.amount_cents,
@@ -71,8 +76,14 @@ async def refund(event: Event, ctx: Context) -> Event:
         gateway = _gateway(ctx)
         result = await _through_breaker(ctx, gateway.refund, order.order_id, record["charge_id"],
                                         record["amount_cents"], f"refund-{order.order_id}")
+        _refuse_invalid(order.order_id, result)
         record = await payments.mutate(order.order_id, _mark_refunded(result.reference)) or record
     return order.event(PAYMENT_REFUNDED, charge_id=record["charge_id"], refund_id=record["refund_id"])
+
+
+def _refuse_invalid(order_id: str, result: Result) -> None:
+    if result.status == "invalid":
+        raise Reject(f"order {order_id}: the payment gateway refused the request: {result.reason}")
 
 
 def _mark_refunded(refund_id: str) -> Callable[[Value | None], Value | None]:
@@ -112,6 +123,6 @@ async def _create_or_read(store: StateStore, key: str, value: Value) -> Value:
         return existing
 
 
-def _gateway(ctx: Context) -> PaymentGateway:
+def _gateway(ctx: Context) -> GatewayClient:
     settings = ctx.settings.get("gateway", {})
     return gateway_for(settings if isinstance(settings, dict) else {})

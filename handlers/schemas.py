@@ -39,6 +39,36 @@ AUDIT_SCHEMA = Schema("audit", (
 ))
 
 
+LEDGER_SCHEMA = Schema("ledger", (
+    """CREATE TABLE IF NOT EXISTS ledger.idempotency_keys (
+        key         text PRIMARY KEY,
+        kind        text NOT NULL,
+        fingerprint text NOT NULL,
+        order_id    text NOT NULL,
+        http_status integer NOT NULL,
+        response    jsonb NOT NULL,
+        created_at  timestamptz NOT NULL DEFAULT now());
+    CREATE TABLE IF NOT EXISTS ledger.charges (
+        id              text PRIMARY KEY,
+        order_id        text NOT NULL,
+        amount_cents    bigint NOT NULL CHECK (amount_cents > 0),
+        currency        text NOT NULL,
+        idempotency_key text NOT NULL UNIQUE REFERENCES ledger.idempotency_keys (key),
+        created_at      timestamptz NOT NULL DEFAULT now());
+    CREATE INDEX IF NOT EXISTS charges_order ON ledger.charges (order_id);
+    CREATE TABLE IF NOT EXISTS ledger.refunds (
+        id              text PRIMARY KEY,
+        charge_id       text NOT NULL REFERENCES ledger.charges (id),
+        order_id        text NOT NULL,
+        amount_cents    bigint NOT NULL CHECK (amount_cents > 0),
+        idempotency_key text NOT NULL UNIQUE REFERENCES ledger.idempotency_keys (key),
+        created_at      timestamptz NOT NULL DEFAULT now());
+    CREATE INDEX IF NOT EXISTS refunds_order ON ledger.refunds (order_id);
+    COMMENT ON TABLE ledger.idempotency_keys IS 'The first answer to each Idempotency-Key, replayed as is';
+    COMMENT ON TABLE ledger.charges IS 'Money taken: one row per successful charge';""",
+))
+
+
 def shop_schemas() -> tuple[Schema, ...]:
     """Every schema the shop uses (what provisioning creates)."""
-    return (AUDIT_SCHEMA,)
+    return (AUDIT_SCHEMA, LEDGER_SCHEMA)

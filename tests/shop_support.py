@@ -73,7 +73,7 @@ def breaker(fail_max: int = 5, reset_timeout_s: float = 30.0) -> Breaker:
 
 def write_shop_config(directory: Path, url: str, workers: Mapping[str, int] | None = None,
                       gateway: Mapping[str, Any] | None = None, breaker_reset_s: float = 1.0) -> App:
-    """handlers/shop.yaml made private to one test: own stream, subject prefix, DLQ, files; fast retries.
+    """handlers/shop.yaml made private to one test: own stream, subject prefix, DLQ, files; fast retries; no sidecars.
 
     The KV buckets keep their names (handlers name them); tests keep apart by unique order ids and skus.
     """
@@ -90,9 +90,9 @@ def write_shop_config(directory: Path, url: str, workers: Mapping[str, int] | No
     for name, svc in raw["services"].items():
         svc.update(stream=stream, workers=(workers or {}).get(name, 1), idle_heartbeat_s=1, pull_expires_s=5,
                    drain_timeout_s=5, retry={"base_s": 0.1, "max_s": 1.0})
-    payments = raw["services"]["payments"]["settings"]["gateway"]
-    payments.update(ledger=str(directory / "gateway" / "ledger.sqlite"),
-                    control_file=str(directory / "gateway" / "control.json"), **(gateway or {}))
+    # The gateway is a service of its own (tests/shop/gateway_support.py); these are its starting faults.
+    raw["services"]["payments"]["settings"]["gateway"].update(gateway or {})
+    raw.pop("sidecars", None)  # the test starts what the shop needs (nats, PostgreSQL, the gateway) itself
     raw["services"]["audit"]["settings"]["db_path"] = str(directory / "audit.sqlite")
     path = directory / f"shop-{uid}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -20,6 +20,7 @@ from engine.config import Config
 from engine.connection import redact_url
 from engine.process import EngineProcess
 from engine.runtime import broker, provision_only
+from handlers.gateway.process import gateway_process
 from handlers.tools.audit_cli import shop_database_for
 from handlers.tools.load import ShopLoad, describe
 from handlers.tools.orders import Plan
@@ -42,8 +43,10 @@ async def run_demo(cfg: Config, plan: Plan, log_path: Path, breaker_reset_s: flo
 
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
-        # The shop's database (embedded unless JETPOOL_SHOP_DATABASE_URL is set) before the engine, stopped after it.
-        async with broker(cfg) as live, shop_database_for(live):
+        # The shop's database (embedded unless JETPOOL_SHOP_DATABASE_URL is set) and the payment gateway
+        # (a process of its own unless JETPOOL_SHOP_GATEWAY_URL is set) before the engine, stopped after it.
+        async with (broker(cfg) as live, shop_database_for(live),
+                    gateway_process(Path(live.source), log_path.with_name("gateway.log"))):
             return await _demo_on(live, plan, log_path, breaker_reset_s, console or Console())
     except asyncio.CancelledError:
         if not terminated:

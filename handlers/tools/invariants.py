@@ -1,8 +1,8 @@
 """The shop's invariants over one run's orders, written once for ``jetpool demo``/``load`` and ``jetpool chaos``.
 
-- money: each order's movements in the gateway's ledger are exactly what its end calls for (charged
-  once if it was confirmed, charged and refunded once if it ran out of stock, nothing if its payment
-  was declined or it has not ended), so nobody is charged twice;
+- money: each order's movements in the gateway's ledger (PostgreSQL, schema ``ledger``) are exactly
+  what its end calls for (charged once if it was confirmed, charged and refunded once if it ran out of
+  stock, nothing if its payment was declined or it has not ended), so nobody is charged twice;
 - stock: per sku, available + reserved = seeded, reserved = what confirmed orders bought, nothing
   half-reserved, nothing below zero;
 - audit: the audit store holds each event of the run's orders once.
@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from engine.state import StateStore
 from handlers import inventory
-from handlers.gateway import SqliteLedger
+from handlers.gateway.ledger import movements
 from handlers.tools.orders import Orders
 
 # How an order ended (or "open": not yet) -> its movements in the gateway's ledger, in order.
@@ -47,19 +46,15 @@ class Check:
         return not self.problems
 
 
-def check_money(ledger_path: str | Path, order_ids: Iterable[str], kinds: Mapping[str, str]) -> Check:
+async def check_money(dsn: str, order_ids: Iterable[str], kinds: Mapping[str, str]) -> Check:
     """Each order's ledger movements against :data:`MONEY`; ``count`` is the orders charged more than once.
 
     Args:
-        ledger_path: the gateway's SQLite ledger.
+        dsn: the shop's PostgreSQL, whose ``ledger`` schema the gateway writes.
         order_ids: the run's orders.
         kinds: order id -> confirmed | declined | out_of_stock, for the orders that ended.
     """
-    ledger = SqliteLedger(ledger_path)
-    try:
-        moves = {oid: [kind for kind, _ in ledger.movements(oid)] for oid in order_ids}
-    finally:
-        ledger.close()
+    moves = await movements(dsn, order_ids)
     charged_twice = sorted(oid for oid, m in moves.items() if m.count("charge") > 1)
     twice = sorted(oid for oid, m in moves.items() if m.count("charge") > 1 or m.count("refund") > 1)
     wrong = sorted(oid for oid, m in moves.items() if m != MONEY[kinds.get(oid, "open")] and oid not in twice)

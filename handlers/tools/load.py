@@ -15,7 +15,6 @@ import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -30,7 +29,8 @@ from engine.publisher import Publisher
 from engine.state import KVState, StateStore
 from handlers import inventory
 from handlers.audit_store import AuditStore
-from handlers.gateway import ControlFile
+from handlers.database import DatabaseError, database_url
+from handlers.gateway import GatewayClient, GatewayError, GatewayNotConfigured, gateway_settings, gateway_url
 from handlers.saga import ORDER_CANCELLED, ORDER_CONFIRMED
 from handlers.tools.audit_cli import open_audit_store, timeline_table
 from handlers.tools.invariants import EVENTS_PER_ORDER, Check, check_audit, check_money, check_stock
@@ -223,7 +223,7 @@ class ShopLoad:
         await publisher.start()
         control = self._control()
         try:
-            self._apply_failure_rate(control)
+            await self._apply_failure_rate(control)
             self.started = time.monotonic()
             with self._progress() as progress:
                 outage = asyncio.create_task(self._outage(control))
@@ -237,42 +237,41 @@ class ShopLoad:
                     await asyncio.gather(outage, placing, return_exceptions=True)
         finally:
             if control is not None:
-                control.write()
+                with contextlib.suppress(GatewayError):
+                    await control.reset_faults()
+                await control.close()
             await publisher.stop()
         return await self._report(js, dlq_start)
 
     # ---- gateway control ----
 
-    def _control(self) -> ControlFile | None:
-        settings = self._gateway_settings()
-        path = settings.get("control_file")
-        wanted = self.plan.outage is not None or self.plan.failure_rate is not None
-        if wanted and not path:
-            raise JetpoolError(f"{self.cfg.source}: --outage and --failure-rate need the payments service's "
-                               "settings.gateway.control_file")
-        return ControlFile(path) if path and wanted else None
+    def _control(self) -> GatewayClient | None:
+        """The gateway's admin client, when the plan changes its faults."""
+        if self.plan.outage is None and self.plan.failure_rate is None:
+            return None
+        try:
+            return GatewayClient(gateway_url(self._gateway_settings()))
+        except GatewayNotConfigured as exc:
+            raise JetpoolError(f"{self.cfg.source}: --outage and --failure-rate need the gateway's admin "
+                               f"endpoint: {exc}") from None
 
     def _gateway_settings(self) -> dict[str, Any]:
-        for svc in self.cfg.services.values():
-            if "handlers.payments:charge" in svc.routes.values():
-                gateway = svc.settings.get("gateway", {})
-                return gateway if isinstance(gateway, dict) else {}
-        return {}
+        return gateway_settings(self.cfg)
 
-    def _apply_failure_rate(self, control: ControlFile | None) -> None:
+    async def _apply_failure_rate(self, control: GatewayClient | None) -> None:
         if control is not None and self.plan.failure_rate is not None:
-            control.write(failure_rate=self.plan.failure_rate)
+            await control.set_faults(failure_rate=self.plan.failure_rate)
 
-    async def _outage(self, control: ControlFile | None) -> None:
+    async def _outage(self, control: GatewayClient | None) -> None:
         if control is None or self.plan.outage is None:
             return
         start_s, duration_s = self.plan.outage
         rate = {} if self.plan.failure_rate is None else {"failure_rate": self.plan.failure_rate}
         await asyncio.sleep(start_s)
-        control.write(outage=True, **rate)
+        await control.set_faults(outage=True, **rate)
         self._note(f"gateway outage started ({duration_s:g}s)")
         await asyncio.sleep(duration_s)
-        control.write(**rate)
+        await control.set_faults(outage=False, **rate)
         self._note("gateway outage ended")
 
     def _note(self, text: str) -> None:
@@ -321,7 +320,7 @@ class ShopLoad:
         outcome.check(not lost and self.tracker.publish_errors == 0,
                       f"{len(lost)} orders lost" + (f" (e.g. {lost[0]})" if lost else "")
                       + (f", {self.tracker.publish_errors} publishes failed" if self.tracker.publish_errors else ""))
-        self._check_charges(outcome, kinds)
+        await self._check_charges(outcome, kinds)
         await self._check_stock(KVState(await js.key_value("stock")), outcome, kinds)
         example = await self._check_audit(outcome, kinds)
         *checks, verdict = outcome.render()
@@ -366,13 +365,14 @@ class ShopLoad:
         self.console.print()
         self.console.print(self.summary.render())
 
-    def _check_charges(self, outcome: Outcome, kinds: dict[str, str]) -> None:
-        path = self._gateway_settings().get("ledger")
-        if not path or not Path(path).exists():
-            outcome.skip("double-charge check", f"the gateway ledger {path} is not on this machine" if path
-                         else f"{self.cfg.source} names no gateway ledger (payments settings.gateway.ledger)")
+    async def _check_charges(self, outcome: Outcome, kinds: dict[str, str]) -> None:
+        try:
+            dsn = database_url()
+        except DatabaseError:
+            outcome.skip("double-charge check", "the gateway's ledger is not reachable from here "
+                         "(no JETPOOL_SHOP_DATABASE_URL, no embedded PostgreSQL running)")
             return
-        outcome.add(check_money(path, self.orders.by_id, kinds))
+        outcome.add(await check_money(dsn, self.orders.by_id, kinds))
 
     async def _check_stock(self, store: StateStore, outcome: Outcome, kinds: dict[str, str]) -> None:
         outcome.add(await check_stock(store, self.orders, kinds))

@@ -1,12 +1,14 @@
-"""Payments: one charge per order whatever is redelivered or lost, refunds as compensation, the breaker."""
+"""Payments: one charge per order whatever is redelivered or lost, refunds as compensation, the breaker.
+
+The gateway is the real HTTP service (on a thread's event loop, a random loopback port) over its ledger in
+the session's embedded PostgreSQL; the handlers call it through their per-process client.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import random
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client import REGISTRY
@@ -16,38 +18,59 @@ from engine.breaker import BreakerOpen
 from engine.state import MemoryState
 from handlers import gateway as gw
 from handlers import payments
+from handlers.gateway.server import _fraction
 from handlers.saga import Order
+from tests.shop.gateway_support import ledger_rows, set_faults, threaded_gateway
 from tests.shop_support import breaker, context, order_placed
+
+T = TypeVar("T")
 
 
 class Shop:
-    """The payments handlers' world: a state store, a breaker, and a gateway with an in-memory ledger."""
+    """The payments handlers' world: a state store, a breaker, and the gateway service."""
 
-    def __init__(self, tmp_path: Path, **gateway: Any) -> None:
+    def __init__(self, dsn: str, url: str) -> None:
+        self.dsn = dsn
+        self.url = url
         self.store = MemoryState()
         self.breaker = breaker()
-        self.ledger = gw.MemoryLedger()
-        self.control = gw.ControlFile(tmp_path / "control.json", poll_s=0)
-        self.gateway = gw.PaymentGateway(self.ledger, self.control, latency_ms=0, jitter_ms=0,
-                                         rng=random.Random(7), **gateway)
-        self.settings = {"gateway": {"name": str(tmp_path)}}
-        gw._gateways[gw.settings_key(self.settings["gateway"])] = self.gateway
+        self.settings = {"gateway": {"url": url, "timeout_s": 5}}
 
     def ctx(self) -> Any:
         return context("payments", {"state:payments": self.store, "breaker:payment_gateway": self.breaker},
                        self.settings)
 
     def charge(self, event: Event) -> Event:
-        return asyncio.run(payments.charge(event, self.ctx()))
+        return asyncio.run(self._closing(payments.charge(event, self.ctx())))
 
     def refund(self, event: Event) -> Event:
-        return asyncio.run(payments.refund(event, self.ctx()))
+        return asyncio.run(self._closing(payments.refund(event, self.ctx())))
+
+    def faults(self, **faults: Any) -> None:
+        set_faults(self.url, **faults)
+
+    def movements(self, order_id: str) -> list[tuple[str, int]]:
+        charges = [("charge", int(r["amount_cents"])) for r in ledger_rows(self.dsn, "charges")
+                   if r["order_id"] == order_id]
+        refunds = [("refund", int(r["amount_cents"])) for r in ledger_rows(self.dsn, "refunds")
+                   if r["order_id"] == order_id]
+        return charges + refunds
+
+    def money_rows(self) -> int:
+        return len(ledger_rows(self.dsn, "charges")) + len(ledger_rows(self.dsn, "refunds"))
+
+    @staticmethod
+    async def _closing(call: Awaitable[T]) -> T:
+        try:
+            return await call
+        finally:
+            await gw.close_clients()  # this loop ends here: its client session with it
 
 
 @pytest.fixture
-def shop(tmp_path: Path) -> Iterator[Shop]:
-    yield Shop(tmp_path)
-    gw._gateways.clear()
+def shop(shop_dsn: str) -> Iterator[Shop]:
+    with threaded_gateway(shop_dsn) as url:
+        yield Shop(shop_dsn, url)
 
 
 def _out_of_stock(placed: Event) -> Event:
@@ -62,16 +85,16 @@ def test_an_order_is_authorized_and_recorded(shop: Shop) -> None:
     assert out.data["order_id"] == placed.aggregate_id and out.data["amount_cents"] == 2500
     record, _ = asyncio.run(shop.store.get(placed.aggregate_id))
     assert record is not None and record["status"] == "authorized"
-    assert shop.ledger.movements(placed.aggregate_id) == [("charge", 2500)]
+    assert shop.movements(placed.aggregate_id) == [("charge", 2500)]
 
 
 def test_a_redelivered_order_is_answered_from_the_record(shop: Shop) -> None:
     placed = order_placed()
     first = shop.charge(placed)
-    shop.control.write(outage=True)  # the gateway is not even asked
+    shop.faults(outage=True)  # the gateway is not even asked
     again = shop.charge(placed)
     assert (again.type, again.data) == (first.type, first.data)
-    assert len(shop.ledger.rows) == 1
+    assert shop.money_rows() == 1
 
 
 def test_a_lost_record_is_recovered_by_the_gateways_idempotency_key(shop: Shop) -> None:
@@ -80,24 +103,20 @@ def test_a_lost_record_is_recovered_by_the_gateways_idempotency_key(shop: Shop) 
     shop.store.data.clear()  # the worker died after the charge, before the record was written
     again = shop.charge(placed)
     assert again.data == first.data
-    assert shop.ledger.movements(placed.aggregate_id) == [("charge", placed.data["amount_cents"])]
-    assert shop.ledger.double_charges() == {}
+    assert shop.movements(placed.aggregate_id) == [("charge", placed.data["amount_cents"])]
 
 
-def test_a_response_lost_after_charging_is_retried_without_charging_twice(tmp_path: Path) -> None:
-    shop = Shop(tmp_path, failure_rate=1.0)
+def test_a_response_lost_after_charging_is_retried_without_charging_twice(shop: Shop) -> None:
+    shop.faults(failure_rate=1.0)
     placed = order_placed()
-    failures_after_charge = 0
     for _ in range(20):
-        with pytest.raises(gw.GatewayError) as caught:
+        with pytest.raises(gw.GatewayError):
             shop.charge(placed)
-        failures_after_charge += "after the charge" in str(caught.value)
         shop.breaker = breaker()  # keep the breaker out of this test
-    assert failures_after_charge > 0
-    shop.gateway.failure_rate = 0.0
+    assert shop.movements(placed.aggregate_id) == [("charge", 1999)]  # a failure came after the charge
+    shop.faults(failure_rate=0.0)
     assert shop.charge(placed).type == "PaymentAuthorized"
-    assert len(shop.ledger.movements(placed.aggregate_id)) == 1
-    gw._gateways.clear()
+    assert len(shop.movements(placed.aggregate_id)) == 1
 
 
 def test_concurrent_duplicates_charge_once(shop: Shop) -> None:
@@ -106,24 +125,30 @@ def test_concurrent_duplicates_charge_once(shop: Shop) -> None:
     async def both() -> list[Event]:
         return list(await asyncio.gather(*(payments.charge(placed, shop.ctx()) for _ in range(5))))
 
-    outs = asyncio.run(both())
+    outs = asyncio.run(shop._closing(both()))
     assert len({o.data["charge_id"] for o in outs}) == 1
-    assert len(shop.ledger.movements(placed.aggregate_id)) == 1
+    assert len(shop.movements(placed.aggregate_id)) == 1
 
 
-def test_a_declined_payment_is_an_answer_not_a_failure(tmp_path: Path) -> None:
-    shop = Shop(tmp_path, max_amount_cents=1000)
-    out = shop.charge(order_placed(amount_cents=5000))
-    assert out.type == "PaymentDeclined" and out.data["reason"] == "amount over limit"
-    assert shop.ledger.rows == []
+def test_a_declined_payment_is_an_answer_not_a_failure(shop: Shop) -> None:
+    shop.faults(max_amount_cents=1000)
+    for _ in range(6):  # more than fail_max: declines never open the breaker
+        out = shop.charge(order_placed(amount_cents=5000))
+        assert out.type == "PaymentDeclined" and out.data["reason"] == "amount over limit"
+    assert shop.money_rows() == 0
     assert shop.breaker.state == "closed"
-    gw._gateways.clear()
+
+
+def test_a_request_the_gateway_refuses_is_rejected(shop: Shop) -> None:
+    with pytest.raises(Reject, match=r"parameter_invalid_integer.*amount"):  # a processor charges no 0
+        shop.charge(order_placed(amount_cents=0))
+    assert shop.breaker.state == "closed"
 
 
 def test_declines_are_stable_per_order() -> None:
-    verdicts = {oid: gw._fraction(oid) < 0.3 for oid in (f"o-{i}" for i in range(200))}
+    verdicts = {oid: _fraction(oid) < 0.3 for oid in (f"o-{i}" for i in range(200))}
     assert 30 < sum(verdicts.values()) < 90
-    assert verdicts == {oid: gw._fraction(oid) < 0.3 for oid in verdicts}
+    assert verdicts == {oid: _fraction(oid) < 0.3 for oid in verdicts}
 
 
 def test_refund_compensates_once(shop: Shop) -> None:
@@ -133,7 +158,7 @@ def test_refund_compensates_once(shop: Shop) -> None:
     assert refunded.type == "PaymentRefunded"
     assert refunded.data["charge_id"] == charged.data["charge_id"]
     assert shop.refund(_out_of_stock(placed)).data == refunded.data
-    assert shop.ledger.movements(placed.aggregate_id) == [("charge", 700), ("refund", 700)]
+    assert shop.movements(placed.aggregate_id) == [("charge", 700), ("refund", 700)]
 
 
 def test_refund_without_a_charge_is_rejected(shop: Shop) -> None:
@@ -142,7 +167,7 @@ def test_refund_without_a_charge_is_rejected(shop: Shop) -> None:
 
 
 def test_an_outage_opens_the_breaker_and_its_end_lets_payments_through(shop: Shop) -> None:
-    shop.control.write(outage=True)
+    shop.faults(outage=True)
     for _ in range(4):
         with pytest.raises(gw.GatewayUnavailable):
             shop.charge(order_placed())
@@ -151,8 +176,8 @@ def test_an_outage_opens_the_breaker_and_its_end_lets_payments_through(shop: Sho
     assert shop.breaker.state == "open"
     with pytest.raises(BreakerOpen):
         shop.charge(order_placed())
-    assert shop.ledger.rows == []
-    shop.control.write(outage=False)
+    assert shop.money_rows() == 0
+    shop.faults(outage=False)
     shop.breaker = breaker()  # the reset timeout passed
     assert shop.charge(order_placed()).type == "PaymentAuthorized"
 
@@ -163,7 +188,7 @@ def test_gateway_time_is_recorded_by_status(shop: Shop) -> None:
 
     before = seen("authorized"), seen("error")
     shop.charge(order_placed())
-    shop.control.write(outage=True)
+    shop.faults(outage=True)
     with pytest.raises(gw.GatewayUnavailable):
         shop.charge(order_placed())
     assert (seen("authorized"), seen("error")) == (before[0] + 1, before[1] + 1)

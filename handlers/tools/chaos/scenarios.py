@@ -23,7 +23,6 @@ import structlog
 from engine import Event
 from engine.config import Config
 from engine.errors import PublishError
-from handlers.gateway import ControlFile
 from handlers.saga import ORDER_PLACED, PAYMENT_AUTHORIZED, PAYMENT_DECLINED
 from handlers.tools.chaos.facts import Facts
 from handlers.tools.chaos.producer import order_items
@@ -105,19 +104,20 @@ async def broker_restart(shop: Shop, orders: int = 10_000, rate: float = RATE, a
 async def gateway_outage(shop: Shop, orders: int = 10_000, rate: float = RATE, at: float = 0.3,
                          outage_s: float = 20.0, seed: int | None = None) -> Row:
     """The payment gateway is down for ``outage_s`` mid-run (its outage switch): nothing may be dead-lettered."""
-    control = ControlFile(shop.gateway_settings()["control_file"])
+    control = shop.gateway_admin()
     async with Session(shop, seed) as s:
         batch = await s.new_orders(orders)
         placing = asyncio.create_task(s.place(batch, rate))
         down_at = await s.until_sent(int(at * orders))
-        control.write(outage=True)
+        await control.set_faults(outage=True)
         await asyncio.sleep(outage_s)
-        control.write()
+        await control.reset_faults()
+        await control.close()
         up_at = time.time()
         await placing
         settled = await s.settle(orders)
         facts = await s.facts()
-        # Orders sent in the first second may have reached the gateway before it saw the switch.
+        # Orders sent in the first second may have been on their way to the gateway before the switch.
         during = [e.aggregate_id for e in batch.events if down_at + 1.0 <= s.producer.sent_at[e.id] < up_at]
         ended = facts.ended()
         early = [oid for oid in during if oid in ended and ended[oid][0].at < up_at]
@@ -345,15 +345,16 @@ def _when(record: dict[str, Any]) -> float:
 async def slow_handler(shop: Shop, orders: int = 2000, rate: float = RATE, at: float = 0.3, slow_for_s: float = 5.0,
                        seed: int | None = None) -> Row:
     """The gateway answers in ack_wait + 2 s for a while: in-progress acks keep the server from redelivering."""
-    control = ControlFile(shop.gateway_settings()["control_file"])
+    control = shop.gateway_admin()
     latency_s = ACK_WAIT_S + 2
     async with Session(shop, seed) as s:
         batch = await s.new_orders(orders)
         placing = asyncio.create_task(s.place(batch, rate))
         await s.until_sent(int(at * orders))
-        control.write(latency_ms=latency_s * 1000)
+        await control.set_faults(latency_ms=latency_s * 1000)
         await asyncio.sleep(slow_for_s)
-        control.write()
+        await control.reset_faults()
+        await control.close()
         await placing
         settled = await s.settle(orders)
         facts = await s.facts()

@@ -224,7 +224,7 @@ class Session:
         check(problems, not unsent, f"{len(unsent)} orders never acknowledged by the stream")
         twice = sorted(oid for oid, ends in ended.items() if len(ends) > 1)
         check(problems, not twice, f"{len(twice)} orders ended more than once (e.g. {twice[:3]})")
-        money = check_money(self.shop.gateway_settings()["ledger"], orders.by_id, kinds)
+        money = await check_money(self.shop.ledger_dsn(), orders.by_id, kinds)
         stock = await check_stock(KVState(await self.js.key_value("stock")), orders, kinds)
         problems += money.problems + stock.problems
         published = len({e.event_id for e in facts.events if e.order_id in mine and e.type in PRODUCERS})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from engine.logs import json_records
 from engine.process import EngineProcess
 from engine.runtime import provision_only
 from handlers import SHOP_YAML
+from handlers.database import DATABASE_URL_ENV, EmbeddedPostgres, provision
+from handlers.gateway import GATEWAY_URL_ENV, GatewayClient
+from handlers.gateway.process import GatewayProcess
 from handlers.saga import ORDER_PLACED
 
 # ---- what the chaos shop changes in the shop's YAML (see the module docstring for why) ---------------
@@ -39,7 +43,6 @@ STREAM_MAX_MSG_BYTES = 256 * 1024
 MAX_EVENT_BYTES = 64 * 1024
 RETRY = {"base_s": 0.1, "max_s": 0.5}
 SUPERVISOR = {"restart_backoff_s": 0.2, "restart_backoff_max_s": 1.0, "max_restarts": 10_000, "restart_window_s": 60}
-GATEWAY_POLL_S = 0.1
 DRAIN_MARGIN_S = 5.0  # the supervisor kills what is left this long after the largest drain_timeout_s
 
 CHARGE = "handlers.payments:charge"
@@ -63,9 +66,8 @@ def chaos_config(base: dict[str, Any], workdir: Path, url: str) -> dict[str, Any
         routes = svc["routes"]
         if routes.get(ORDER_PLACED) == CHARGE:
             routes[ORDER_PLACED] = CHAOS_CHARGE
-            gateway = svc.setdefault("settings", {}).setdefault("gateway", {})
-            gateway.update(ledger=str(workdir / "gateway" / "ledger.sqlite"),
-                           control_file=str(workdir / "gateway" / "control.json"), control_poll_s=GATEWAY_POLL_S)
+            # The slow-handler scenario makes the gateway slower than ack_wait_s: the client must wait.
+            svc.setdefault("settings", {}).setdefault("gateway", {})["timeout_s"] = ACK_WAIT_S * 4
         if AUDIT in routes.values():
             svc.setdefault("settings", {})["db_path"] = str(workdir / "audit.sqlite")
     return dict(raw)
@@ -86,6 +88,10 @@ class Shop:
         self.config_path = self.workdir / "shop-chaos.yaml"
         self.log_path = self.workdir / "engine.log"
         self.engine: EngineProcess | None = None
+        # The ledger's PostgreSQL and the gateway live apart from the engine, as deployed: they outlive
+        # worker kills and engine restarts.
+        self.database = EmbeddedPostgres(self.workdir / "postgres", die_with_parent=True)
+        self.gateway: GatewayProcess | None = None
         self._cfg: Config | None = None
 
     @property
@@ -101,13 +107,20 @@ class Shop:
         self.config_path.write_text(yaml.safe_dump(chaos_config(base, self.workdir, self.server.url), sort_keys=False))
         self._cfg = load_config(self.config_path)
         await provision_only(self.cfg)
+        await asyncio.to_thread(self.database.start)
+        await provision(self.database.dsn)
+        self.gateway = GatewayProcess(self.database.dsn, self.config_path, self.workdir / "gateway.log", tied=True)
+        await asyncio.to_thread(self.gateway.start)
         await self.start_engine()
         return self
 
     async def start_engine(self) -> None:
         """Start the engine (tied to this thread: a SIGKILLed chaos run leaves none behind) and wait for it."""
-        self.engine = EngineProcess(self.config_path, self.log_path, nats_url=self.server.url,
-                                    args=["--no-provision", "--log-level", "info"], tied=True).start()
+        assert self.gateway is not None
+        env = {**os.environ, DATABASE_URL_ENV: self.database.dsn, GATEWAY_URL_ENV: self.gateway.url}
+        self.engine = EngineProcess(self.config_path, self.log_path, env=env, nats_url=self.server.url,
+                                    args=["--no-provision", "--no-sidecars", "--log-level", "info"],
+                                    tied=True).start()
         await self.engine.wait_workers_async(sum(s.workers for s in self.cfg.services.values()), timeout_s=120)
 
     def close(self) -> None:
@@ -116,7 +129,12 @@ class Shop:
             if self.engine is not None:
                 self.engine.stop(timeout_s=30)
         finally:
-            self.server.stop()
+            try:
+                if self.gateway is not None:
+                    self.gateway.stop()
+                self.database.stop()
+            finally:
+                self.server.stop()
 
     def workers(self) -> list[psutil.Process]:
         """The engine's live worker processes (its spawned children, not multiprocessing's resource tracker)."""
@@ -149,11 +167,15 @@ class Shop:
             text = handle.read().decode(errors="replace")
         return [r for r in json_records(text) if event is None or r.get("event") == event]
 
-    def gateway_settings(self) -> dict[str, Any]:
-        for svc in self.cfg.services.values():
-            if svc.routes.get(ORDER_PLACED) == CHAOS_CHARGE:
-                return dict(svc.settings.get("gateway", {}))
-        raise JetpoolError(f"{self.config_path}: no service charges orders through {CHAOS_CHARGE}")
+    def gateway_admin(self) -> GatewayClient:
+        """A client of the gateway's admin endpoint (close it when done)."""
+        if self.gateway is None:
+            raise JetpoolError("the chaos shop's gateway is not started")
+        return GatewayClient(self.gateway.url)
+
+    def ledger_dsn(self) -> str:
+        """The PostgreSQL holding the gateway's ledger."""
+        return self.database.dsn
 
     def audit_path(self) -> Path:
         svc = next(s for s in self.cfg.services.values() if AUDIT in s.routes.values())

@@ -1,0 +1,87 @@
+"""Two payments worker processes share one gateway service and one PostgreSQL ledger; one is SIGKILLed
+mid-run. Every placed order ends, and the ledger shows no order charged twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+import yaml
+
+from engine.embedded import EmbeddedServer
+from engine.state import KVState
+from handlers import inventory
+from handlers.gateway import GATEWAY_URL_ENV
+from handlers.gateway.ledger import double_charges, movements
+from tests.shop.gateway_support import gateway_process, ledger_rows
+from tests.shop_support import order_placed, write_shop_config
+from tests.support import App, Engine, count, publish, read, settled, wait_for
+
+ORDERS = 300
+SERVICES = ("orders", "payments", "inventory")
+
+
+def shop_config(tmp_path: Path, url: str) -> App:
+    """Orders, inventory and two payments workers; the gateway slow enough that a kill lands mid-call."""
+    app = write_shop_config(tmp_path, url, workers={"payments": 2},
+                            gateway={"latency_ms": 20, "jitter_ms": 20, "failure_rate": 0.05, "decline_rate": 0.1})
+    for name in ("notifications", "audit"):
+        del app.raw["services"][name]
+    app.raw["services"]["payments"].update(ack_wait_s=2, batch=32, max_in_flight=64)  # the victim's come back soon
+    app.path.write_text(yaml.safe_dump(app.raw, sort_keys=False))
+    return app
+
+
+async def _seed(url: str, levels: dict[str, int]) -> None:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        try:
+            kv = await js.key_value("stock")
+        except Exception:
+            kv = await js.create_key_value(bucket="stock")
+        await inventory.seed(KVState(kv), levels)
+    finally:
+        await nc.close()
+
+
+def test_two_payments_workers_one_killed_charge_every_order_at_most_once(
+        tmp_path: Path, nats_server: EmbeddedServer, shop_dsn: str, engine: Callable[..., Engine]) -> None:
+    app = shop_config(tmp_path, nats_server.url)
+    uid = uuid.uuid4().hex[:8]
+    sku = f"sku-{uid}"
+    asyncio.run(_seed(nats_server.url, {sku: 10_000}))
+    orders = [order_placed(sku=sku, amount_cents=100 + i, order_id=f"o-{uid}-{i}") for i in range(ORDERS)]
+    ids = {o.aggregate_id for o in orders}
+
+    with gateway_process(shop_dsn, app.path, tmp_path / "gateway.log") as gateway:
+        run = engine(app, env={GATEWAY_URL_ENV: gateway, "JETPOOL_HTTP_PORT": "0"})
+        publish(app, orders[: ORDERS // 2])
+        wait_for(lambda: len(ledger_rows(shop_dsn, "charges")) >= 40, 60, "the first charges", detail=run.tail)
+        victim = run.worker_pids()[("payments", 1)]
+        os.kill(victim, signal.SIGKILL)  # with gateway calls in flight: their orders are redelivered
+        charged_at_kill = len(ledger_rows(shop_dsn, "charges"))
+        publish(app, orders[ORDERS // 2:])
+
+        def ended() -> bool:
+            return count(app, "OrderConfirmed") + count(app, "OrderCancelled") >= ORDERS
+
+        wait_for(ended, 120, f"{ORDERS} orders to end", detail=run.tail)
+        wait_for(lambda: all(settled(app, s) for s in SERVICES), 60, "every consumer to settle", detail=run.tail)
+
+    assert charged_at_kill < ORDERS  # the kill came mid-run
+    assert [(e["pid"], e["code"]) for e in run.records("worker.exited")] == [(victim, -signal.SIGKILL)]
+    ended_ids = {e.aggregate_id for t in ("OrderConfirmed", "OrderCancelled") for e in read(app, t)}
+    assert ended_ids == ids
+    assert asyncio.run(double_charges(shop_dsn)) == {}
+    moves = asyncio.run(movements(shop_dsn, ids))
+    authorized = {e.aggregate_id for e in read(app, "PaymentAuthorized")}
+    declined = {e.aggregate_id for e in read(app, "PaymentDeclined")}
+    assert authorized | declined == ids and not authorized & declined
+    assert {oid for oid, m in moves.items() if m == ["charge"]} == authorized  # charged once each
+    assert all(moves[oid] == [] for oid in declined)
