@@ -503,7 +503,7 @@ def test_files_the_handlers_write_are_on_a_writable_volume(render: Any, values: 
             # Not /tmp: that one holds the workers' metrics files and its sizeLimit is theirs.
             assert mounts == ["/var/lib/jetpool"], f"services.{name}.settings.{key}: {path} is not writable"
             checked.add(f"{name}.{key}")
-    assert checked == {"payments.gateway.ledger", "payments.gateway.control_file", "audit.db_path"}
+    assert checked == {"audit.db_path"}  # the gateway's ledger is in PostgreSQL, behind its own service
     claim = rendered.deployment("audit")["spec"]["template"]["spec"]["volumes"]
     assert ({"name": "data", "persistentVolumeClaim": {"claimName": "audit-data"}} in claim) == bool(values)
 

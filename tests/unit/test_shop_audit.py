@@ -1,4 +1,4 @@
-"""Audit (every event once, per-order timeline), notifications, and the gateway's shared ledger."""
+"""Audit (every event once, per-order timeline) and notifications. The gateway's ledger: tests/shop/."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-import pytest
-
 from handlers import audit, notifications
-from handlers import gateway as gw
 from handlers.audit_store import AuditRecord, SqliteAuditStore
 from handlers.saga import Order
 from tests.shop_support import context, order_placed
@@ -86,38 +83,3 @@ def test_notifications_answer_the_same_for_the_same_event() -> None:
     assert first.type == "NotificationSent" and first.data == again.data
     assert first.data["template"] == "order_confirmed" and first.data["idempotency_key"] == confirmed.id
     assert asyncio.run(notifications.notify(cancelled, ctx)).data["template"] == "order_cancelled"
-
-
-def test_the_sqlite_ledger_remembers_keys_across_processes(tmp_path: Path) -> None:
-    one, two = gw.SqliteLedger(tmp_path / "l.sqlite"), gw.SqliteLedger(tmp_path / "l.sqlite")  # two processes
-    first = one.apply("charge-o1", "o1", "charge", 500, gw.Result("authorized", "ch_a"))
-    again = two.apply("charge-o1", "o1", "charge", 500, gw.Result("authorized", "ch_b"))
-    assert (first.replayed, again.replayed, again.reference) == (False, True, "ch_a")
-    assert two.movements("o1") == [("charge", 500)]
-    assert one.double_charges() == {}
-    one.apply("another-key", "o1", "charge", 500, gw.Result("authorized", "ch_c"))  # a buggy caller
-    assert two.double_charges() == {"o1": 2}
-    assert two.charged_orders() == 1
-    one.close()
-    two.close()
-
-
-def test_the_control_file_switches_an_outage_on_and_off(tmp_path: Path) -> None:
-    control = gw.ControlFile(tmp_path / "control.json", poll_s=0)
-    gateway = gw.PaymentGateway(gw.MemoryLedger(), control, latency_ms=0, jitter_ms=0)
-    control.write(outage=True)
-    with pytest.raises(gw.GatewayUnavailable):
-        asyncio.run(gateway.charge("o1", 100, "k1"))
-    control.write(outage=False)
-    assert asyncio.run(gateway.charge("o1", 100, "k1")).status == "authorized"
-    (tmp_path / "control.json").write_text("{half-writ")
-    assert control.values() == {}
-
-
-def test_gateway_settings_build_one_client_per_process(tmp_path: Path) -> None:
-    settings = {"ledger": str(tmp_path / "l.sqlite"), "control_file": str(tmp_path / "c.json"), "latency_ms": 1}
-    try:
-        assert gw.gateway_for(settings) is gw.gateway_for(dict(settings))
-        assert isinstance(gw.gateway_for(settings).ledger, gw.SqliteLedger)
-    finally:
-        gw._gateways.clear()
