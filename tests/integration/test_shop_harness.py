@@ -8,29 +8,27 @@ the dead-letter stream of handlers/shop.yaml — with only the gateway's files m
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from engine import Event
 from engine.testing import TestApp
 from handlers import SHOP_YAML
+from tests.shop.gateway_support import local_gateway
 from tests.shop_support import order_placed
 
 pytest_plugins = ["engine.testing"]
 pytestmark = pytest.mark.usefixtures("jetpool_server")
 
 
-def shop(tmp_path: Path) -> TestApp:
-    """Payments and orders of handlers/shop.yaml; a gateway that answers at once and never declines."""
-    gateway = {"ledger": str(tmp_path / "ledger.sqlite"), "control_file": None, "latency_ms": 0, "jitter_ms": 0,
-               "decline_rate": 0.0}
+def shop(gateway_url: str) -> TestApp:
+    """Payments and orders of handlers/shop.yaml, calling the gateway service at ``gateway_url``."""
     return TestApp(SHOP_YAML, services=["payments", "orders"],
-                   overrides={"payments": {"settings": {"gateway": gateway}}})
+                   overrides={"payments": {"settings": {"gateway": {"url": gateway_url}}}})
 
 
-async def test_an_order_is_authorized_recorded_and_paid(tmp_path: Path) -> None:
-    async with shop(tmp_path) as app:
+async def test_an_order_is_authorized_recorded_and_paid(shop_dsn: str) -> None:
+    # A gateway that answers at once and never declines, in this test's event loop.
+    async with local_gateway(shop_dsn, decline_rate=0.0) as url, shop(url) as app:
         placed = order_placed(amount_cents=2500)
         [authorized] = await app.publish(placed, wait_for="PaymentAuthorized")
         assert authorized.data["charge_id"].startswith("ch_")
@@ -43,8 +41,8 @@ async def test_an_order_is_authorized_recorded_and_paid(tmp_path: Path) -> None:
         assert await app.dead_letters() == []
 
 
-async def test_a_malformed_order_is_rejected_by_both_services(tmp_path: Path) -> None:
-    async with shop(tmp_path) as app:
+async def test_a_malformed_order_is_rejected_by_both_services() -> None:
+    async with shop("http://127.0.0.1:9") as app:  # rejected before any gateway call
         bad = Event("OrderPlaced", {"order_id": "o1", "customer_id": "c", "sku": "s", "qty": 0, "amount_cents": 1})
         await app.publish(bad)
         entries = await app.expect_dead_letters(2)

@@ -25,9 +25,12 @@ from engine.embedded import EmbeddedServer
 from engine.events import Event
 from engine.state import KVState
 from handlers import inventory
-from handlers.gateway import ControlFile, SqliteLedger
+from handlers.database import EmbeddedPostgres
+from handlers.gateway import GATEWAY_URL_ENV
+from handlers.gateway.ledger import double_charges, movements
 from handlers.saga import PRODUCERS
 from handlers.tools.load import dead_lettered_orders
+from tests.shop.gateway_support import database_on, gateway_process, set_faults
 from tests.shop_support import order_placed, write_shop_config
 from tests.support import App, Engine, count, publish, read, run_cli, settled, wait_for
 
@@ -42,6 +45,7 @@ class Run:
     app: App
     engine: Engine
     tmp: Path
+    dsn: str
     orders: list[Event]
     stock: dict[str, int]
     events: dict[str, list[Event]]  # by type, every stored copy (injected duplicates included)
@@ -108,11 +112,11 @@ def _wait_then_duplicate(app: App, event_type: str, at_least: int, how_many: int
 
 
 @pytest.fixture(scope="module")
-def run(nats_server: EmbeddedServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+def run(nats_server: EmbeddedServer, shop_postgres: EmbeddedPostgres,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("shop")
     app = write_shop_config(tmp, nats_server.url, workers={"inventory": 2},
-                            gateway={"latency_ms": 2, "jitter_ms": 2, "failure_rate": 0.05, "decline_rate": 0.1,
-                                     "control_poll_s": 0.05})
+                            gateway={"latency_ms": 2, "jitter_ms": 2, "failure_rate": 0.05, "decline_rate": 0.1})
     rng = random.Random(11)
     uid = uuid.uuid4().hex[:8]
     stock = {f"scarce-{uid}": 20, f"plenty-{uid}": 10_000}
@@ -120,20 +124,24 @@ def run(nats_server: EmbeddedServer, tmp_path_factory: pytest.TempPathFactory) -
     orders = [order_placed(sku=skus[i % 2], qty=rng.randint(1, 2), amount_cents=rng.randint(100, 20_000),
                            order_id=f"o-{uid}-{i}") for i in range(ORDERS)]
     asyncio.run(_seed(nats_server.url, stock))
-    engine = Engine(app.path, tmp / "engine.log", env={"JETPOOL_HTTP_PORT": "0"}).start()
+    with database_on(shop_postgres) as dsn, gateway_process(dsn, app.path, tmp / "gateway.log") as gateway:
+        yield from _run(app, tmp, dsn, gateway, orders, stock, skus, uid, rng)
+
+
+def _run(app: App, tmp: Path, dsn: str, gateway: str, orders: list[Event], stock: dict[str, int], skus: list[str],
+         uid: str, rng: random.Random) -> Iterator[Run]:
+    engine = Engine(app.path, tmp / "engine.log", env={"JETPOOL_HTTP_PORT": "0", GATEWAY_URL_ENV: gateway}).start()
     try:
         engine.wait_workers(6, 90)
         engine.descendants()
-        control = ControlFile(tmp / "gateway" / "control.json")
         publish(app, orders[: ORDERS // 2])
         publish(app, [_bad_order(uid)])  # a malformed order: rejected by its consumers, not retried
         _republish(app, rng.sample(orders, 40))
         _wait_then_duplicate(app, "PaymentAuthorized", 30, 30, rng)
-        control.write(outage=True)  # the gateway goes down while half of the orders are still to come
-        time.sleep(0.2)  # > control_poll_s: every payments worker has seen it
+        set_faults(gateway, outage=True)  # the gateway goes down while half of the orders are still to come
         publish(app, orders[ORDERS // 2:])
         time.sleep(2.0)  # > breaker_reset_s: the breaker opens, tries again, opens again
-        control.write(outage=False)
+        set_faults(gateway, outage=False)
         _wait_then_duplicate(app, "OutOfStock", 5, 10, rng)
         _wait_then_duplicate(app, "StockReserved", 60, 20, rng)
 
@@ -145,7 +153,7 @@ def run(nats_server: EmbeddedServer, tmp_path_factory: pytest.TempPathFactory) -
         events = {t: read(app, t) for t in PRODUCERS}
         records = asyncio.run(_kv(app.url, "orders", [o.aggregate_id for o in orders]))
         levels = asyncio.run(_kv(app.url, "stock", [inventory.sku_key(s) for s in skus]))
-        yield Run(app, engine, tmp, orders, stock, events, records,
+        yield Run(app, engine, tmp, dsn, orders, stock, events, records,
                   {s: levels[inventory.sku_key(s)] for s in skus}, uid)
     finally:
         engine.kill_tree()
@@ -181,17 +189,13 @@ def test_a_malformed_order_is_dead_lettered_not_retried(run: Run) -> None:
 
 
 def test_nobody_is_charged_twice(run: Run) -> None:
-    ledger = SqliteLedger(run.tmp / "gateway" / "ledger.sqlite")
-    try:
-        authorized = run.per_order("PaymentAuthorized")
-        refunded = run.per_order("PaymentRefunded")
-        for order in run.orders:
-            oid = order.aggregate_id
-            kinds = [kind for kind, _ in ledger.movements(oid)]
-            assert kinds == ["charge"] * authorized[oid] + ["refund"] * refunded[oid], oid
-        assert ledger.double_charges() == {}
-    finally:
-        ledger.close()
+    authorized = run.per_order("PaymentAuthorized")
+    refunded = run.per_order("PaymentRefunded")
+    moves = asyncio.run(movements(run.dsn, [o.aggregate_id for o in run.orders]))
+    for order in run.orders:
+        oid = order.aggregate_id
+        assert moves[oid] == ["charge"] * authorized[oid] + ["refund"] * refunded[oid], oid
+    assert asyncio.run(double_charges(run.dsn)) == {}
 
 
 def test_no_stock_is_oversold(run: Run) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import threading
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import orjson
 
+from handlers.database import EmbeddedPostgres
 from handlers.gateway.faults import Faults
 from handlers.gateway.ledger import Ledger
 from handlers.gateway.process import GatewayProcess
@@ -85,3 +87,14 @@ def threaded_gateway(dsn: str, **faults: Any) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+@contextlib.contextmanager
+def database_on(server: EmbeddedPostgres) -> Iterator[str]:
+    """A fresh database on the session's PostgreSQL (for module-scoped fixtures); dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_fetch(server.dsn, f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.dsn.replace("@/postgres?", f"@/{name}?")
+    finally:
+        asyncio.run(_fetch(server.dsn, f'DROP DATABASE "{name}" WITH (FORCE)'))
