@@ -21,8 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import Context, Event
 from engine.embedded import EmbeddedServer, free_port
 from engine.metrics import EXPORTED_METRICS
-from handlers.gateway import ControlFile
+from handlers.gateway import GATEWAY_URL_ENV
 from handlers.payments import STATUSES
+from tests.shop.gateway_support import gateway_process, set_faults
 from tests.shop_support import order_placed, write_shop_config
 from tests.support import HANDLERS, App, Engine, count, pings, publish, publish_raw, wait_for
 from tests.unit.test_dashboard import promtool
@@ -232,13 +233,17 @@ def assert_payment_histogram(text: str) -> None:
 
 
 def test_shop_payments_metrics_dead_worker_files_and_failure_log(tmp_path: Path, nats_server: EmbeddedServer,
-                                                                 engine: StartEngine) -> None:
+                                                                 shop_dsn: str, engine: StartEngine) -> None:
     """payments alone (handlers/shop.yaml, one worker), with PROMETHEUS_MULTIPROC_DIR chosen by the operator."""
-    app = write_shop_config(tmp_path, nats_server.url, gateway={"decline_rate": 0.0, "control_poll_s": 0},
-                            breaker_reset_s=300)
+    app = write_shop_config(tmp_path, nats_server.url, gateway={"decline_rate": 0.0}, breaker_reset_s=300)
+    with gateway_process(shop_dsn, app.path, tmp_path / "gateway.log") as gateway:
+        _payments_metrics(tmp_path, app, gateway, engine)
+
+
+def _payments_metrics(tmp_path: Path, app: App, gateway: str, engine: StartEngine) -> None:
     metrics_dir = tmp_path / "metrics"
     run = engine(app, args=["--service", "payments", "--http-port", "0"],
-                 env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}, workers=1)
+                 env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), GATEWAY_URL_ENV: gateway}, workers=1)
     port = port_of(run)
     uid = uuid.uuid4().hex[:8]
 
@@ -259,7 +264,7 @@ def test_shop_payments_metrics_dead_worker_files_and_failure_log(tmp_path: Path,
     assert_payment_histogram(text)
 
     # The gateway goes down: the order is retried (redelivered) until the breaker opens, then parked.
-    ControlFile(tmp_path / "gateway" / "control.json").write(outage=True)
+    set_faults(gateway, outage=True)
     stuck = order_placed(order_id=f"o-{uid}-outage", customer_id=f"customer-{uid}")
     seq = publish(app, [stuck])[0]["seq"]
     text = scrape_until(port, lambda t: total(t, "jetpool_consumer_redelivered", service="payments") >= 1 and
