@@ -117,14 +117,15 @@ class Counters:
     preempted: int = 0  # involuntary context switches
     syscr: int = 0  # read-family system calls (read, readv, pread): a socket read each, here
     syscw: int = 0  # write-family system calls (write, writev): one flush each
+    sys_s: float = 0.0  # the kernel's part of cpu_s (stime)
 
     def __add__(self, o: Counters) -> Counters:
         return Counters(self.cpu_s + o.cpu_s, self.wakeups + o.wakeups, self.preempted + o.preempted,
-                        self.syscr + o.syscr, self.syscw + o.syscw)
+                        self.syscr + o.syscr, self.syscw + o.syscw, self.sys_s + o.sys_s)
 
     def __sub__(self, o: Counters) -> Counters:
         return Counters(self.cpu_s - o.cpu_s, self.wakeups - o.wakeups, self.preempted - o.preempted,
-                        self.syscr - o.syscr, self.syscw - o.syscw)
+                        self.syscr - o.syscr, self.syscw - o.syscw, self.sys_s - o.sys_s)
 
 
 def read_counters(pid: int) -> Counters:
@@ -142,7 +143,7 @@ def read_counters(pid: int) -> Counters:
                         wakeups += int(line.split()[1])
                     elif line.startswith("nonvoluntary_ctxt_switches:"):
                         preempted += int(line.split()[1])
-        return Counters(cpu_s, wakeups, preempted, int(io["syscr"]), int(io["syscw"]))
+        return Counters(cpu_s, wakeups, preempted, int(io["syscr"]), int(io["syscw"]), int(fields[12]) / _CLK_TCK)
     except (OSError, ValueError, KeyError):
         return Counters()
 
@@ -239,7 +240,7 @@ def diff(a: Mark, b: Mark) -> dict[str, Any]:
 def _per_event(c: Counters, events: int) -> dict[str, float]:
     return {"cpu_us": round(c.cpu_s / events * 1e6, 1), "wakeups": round(c.wakeups / events, 3),
             "preempted": round(c.preempted / events, 3), "syscr": round(c.syscr / events, 3),
-            "syscw": round(c.syscw / events, 3)}
+            "syscw": round(c.syscw / events, 3), "kernel_us": round(c.sys_s / events * 1e6, 1)}
 
 
 async def window(probe: Probe, seconds: float) -> dict[str, Any]:
@@ -792,7 +793,7 @@ def ratio_row(res: dict[str, Any]) -> str:
 
 
 def counters_table(res: dict[str, Any]) -> list[str]:
-    lines = ["| window | process | CPU µs | wake-ups | preempted | read calls | write calls (flushes) |",
+    lines = ["| window | process | CPU µs (kernel) | wake-ups | preempted | read calls | write calls (flushes) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     rows: list[tuple[str, dict[str, Any]]] = []
     for p in res["paced"]:
@@ -804,7 +805,8 @@ def counters_table(res: dict[str, Any]) -> list[str]:
         for role, c in got["per_event"].items():
             if role == "jetpool_other" or (c["cpu_us"] == 0 and not c["wakeups"]):
                 continue
-            lines.append(f"| {label} | {role} | {c['cpu_us']:.1f} | {c['wakeups']:.2f} | {c['preempted']:.2f} "
+            kernel = f" ({c['kernel_us']:.1f})" if "kernel_us" in c else ""
+            lines.append(f"| {label} | {role} | {c['cpu_us']:.1f}{kernel} | {c['wakeups']:.2f} | {c['preempted']:.2f} "
                          f"| {c['syscr']:.2f} | {c['syscw']:.2f} |")
     return lines
 
