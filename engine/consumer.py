@@ -76,14 +76,12 @@ _SETTLED, _TIMED_OUT = Stage.SETTLED, Stage.TIMED_OUT  # read on the hot path
 class _Delivery:
     """One delivered message from receipt to settlement; also the waiter of its outputs' PubAcks."""
 
-    __slots__ = ("attempt", "consumer", "error", "event", "msg", "progress_at", "reply", "stage", "started",
-                 "task", "waiting")
+    __slots__ = ("consumer", "error", "event", "msg", "progress_at", "reply", "stage", "started", "task", "waiting")
 
-    def __init__(self, consumer: Consumer, msg: Any, attempt: int, now: float) -> None:
+    def __init__(self, consumer: Consumer, msg: Any, now: float) -> None:
         self.consumer = consumer
         self.msg = msg
         self.reply: str = msg.reply
-        self.attempt = attempt
         self.event: Event | None = None
         self.task: asyncio.Task[None] | None = None
         self.stage = Stage.HANDLING
@@ -91,6 +89,11 @@ class _Delivery:
         self.progress_at = now
         self.waiting = 0
         self.error: Exception | None = None
+
+    @property
+    def attempt(self) -> int:
+        """This delivery's number, from 1 (read from its ack subject only when a failure needs it)."""
+        return ack_metadata(self.reply)[0]
 
     async def on_puback(self, error: Exception | None) -> None:
         if error is not None and self.error is None:
@@ -138,6 +141,8 @@ class Consumer:
         self._trial: _Delivery | None = None
         self._settling: set[asyncio.Task[None]] = set()
         self._routes = frozenset(router.event_types)
+        # The type each routed subject carries, looked up per event (any other subject: computed then).
+        self._carried = {config.subject_for(t): t for t in self._routes}
         self._metrics = RouteMetrics(service, self._routes, [b.name for b in self._breakers])
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{svc.stream}.{config.durable(service)}"
         # "$JS.ACK.[<domain>.<account>.]<stream>.<durable>.<num_delivered>....": what precedes the count.
@@ -229,29 +234,21 @@ class Consumer:
             return
         self._window.delivered()
         self._last_status = None  # a delivery: the pull was answered
-        if (unstarted := arrived(self._stopping)) is not None:
+        if self._stopping and (unstarted := arrived(self._stopping)) is not None:
             await self._send(reply, unstarted)  # hand it straight back so another worker can take it
             self._counts[unstarted.label] += 1
             self._metrics.outcome("-", unstarted.label)
             return
-        attempt = self._attempt(reply)
-        if attempt > 1:
+        at = reply.find(self._ack_key)
+        if at > 0 and not reply.startswith("1.", at + len(self._ack_key)):
             self._metrics.redelivered += 1
-        delivery = _Delivery(self, msg, attempt, self._last_seen)
+        delivery = _Delivery(self, msg, self._last_seen)
         self._in_flight[reply] = delivery
         finished, _, task = eager.start(self._handle(delivery))
         if not finished:
             delivery.task = task
         if self._window.room(len(self._in_flight)):
             await self._pull()
-
-    def _attempt(self, reply: str) -> int:
-        """The delivery count in a ``$JS.ACK`` subject (the token after ``<stream>.<durable>``)."""
-        start = reply.find(self._ack_key) + len(self._ack_key)
-        end = reply.find(".", start)
-        if start < len(self._ack_key) or end < 0:
-            return ack_metadata(reply)[0]
-        return int(reply[start:end])
 
     async def _on_status(self, msg: Any) -> None:
         headers = msg.headers or {}
@@ -306,8 +303,8 @@ class Consumer:
                 raise MalformedEvent(f"payload of {len(msg.data)} bytes exceeds max_event_bytes "
                                      f"({self._max_event_bytes})")
             event = Event.decode(msg.data)
-            if msg.subject.rpartition(".")[2] != event.type:
-                check_subject(event, msg.subject)  # raises: the body claims another type than its subject
+            if self._carried.get(msg.subject) != event.type:
+                check_subject(event, msg.subject)  # raises if the body claims another type than its subject
             d.event = event
             ctx = Context(self.service, self._worker, d.reply, msg.subject, self._resources, self._settings)
             if tracing.enabled():
@@ -358,8 +355,9 @@ class Consumer:
         """Ask :func:`engine.outcome.decide` what ``exc`` means for ``d``, and apply it."""
         if d.stage is _SETTLED:
             return
-        outcome = decide(exc, d.attempt, self._max_deliver, self._policy, stopping=self._stopping,
-                         timed_out_after_s=self._timeout_s if d.stage is _TIMED_OUT else None)
+        # The attempt matters only to a failure: read from the ack subject then, not for every ack.
+        outcome = decide(exc, 1 if exc is None else d.attempt, self._max_deliver, self._policy, self._stopping,
+                         self._timeout_s if d.stage is _TIMED_OUT else None)
         if outcome is ACKED:
             await self._settle(d, outcome)
             return
@@ -375,7 +373,9 @@ class Consumer:
     async def _settle(self, d: _Delivery, outcome: Outcome) -> None:
         """The one path that ends a delivery: send the outcome, count it, free its slot."""
         d.stage = _SETTLED
-        await self._send(d.reply, outcome)
+        payload = _ACK if outcome is ACKED else wire(outcome)
+        if not self._out.write(d.reply, payload):
+            await self._out.publish(d.reply, payload)
         if outcome is ACKED:
             self._acked += 1  # what _tally does, without its two Counters: acks are nearly every outcome
             self._metrics.acked(d.event.type if d.event is not None else "-")
@@ -389,8 +389,8 @@ class Consumer:
             await self._pull()
 
     async def _send(self, reply: str, outcome: Outcome) -> None:
-        """Write ``outcome``'s bytes to the delivery's ack subject (the only settlement write)."""
-        payload = _ACK if outcome is ACKED else wire(outcome)
+        """Write an outcome that settles no delivery (in progress; released before it started)."""
+        payload = wire(outcome)
         if not self._out.write(reply, payload):
             await self._out.publish(reply, payload)
 

@@ -100,8 +100,9 @@ def trace_id_of(event_id: str) -> str:
 def derived_id(source: bytes | str, position: int) -> str:
     """The id of output ``position`` of an input: its body as received (or, for an event built in
     code, its id). Same input, same output ids; a different body under the same id, other ids."""
-    data = source.encode() if isinstance(source, str) else source
-    return hashlib.blake2b(b"%s/%d" % (data, position), digest_size=16).hexdigest()
+    digest = hashlib.blake2b(source.encode() if isinstance(source, str) else source, digest_size=16)
+    digest.update(b"/%d" % position)
+    return digest.hexdigest()
 
 
 _clock: list[Any] = [0, ""]

@@ -105,7 +105,7 @@ def redelivery_horizon_s(max_deliver: int, ack_wait_s: float, handler_timeout_s:
     return sum(max(ack_wait_s, handler_timeout_s + nominal.delay_s(attempt)) for attempt in range(1, max_deliver))
 
 
-def decide(exc: BaseException | None, attempt: int, max_deliver: int, policy: RetryPolicy, *,
+def decide(exc: BaseException | None, attempt: int, max_deliver: int, policy: RetryPolicy,
            stopping: bool = False, timed_out_after_s: float | None = None) -> Outcome:
     """Map the result of processing one delivery to what the consumer sends the server.
 
