@@ -5,10 +5,13 @@
 #   docker build -t jetpool:0.1.0 .
 #   docker run --rm jetpool:0.1.0 run -c /usr/share/jetpool/config/example.yaml --nats-url nats://host:4222
 #
-# A pod runs `jetpool run` against a NATS URL, so the image has only what that needs: no extras (no
-# embedded nats-server, no psutil, no rich: those are the `local` and `shop` extras of this machine's
-# tools). On Kubernetes the chart mounts the config at /etc/jetpool/config.yaml, sets JETPOOL_NATS_URL,
-# makes the root filesystem read-only and mounts an emptyDir on /tmp.
+# A pod runs `jetpool run` (one service's workers), `jetpool api`, `jetpool gateway` or `jetpool provision`
+# against a NATS URL and a PostgreSQL DSN, so the image has the base dependencies only (aiohttp and
+# asyncpg among them): no extras. No embedded nats-server or PostgreSQL, no psutil (the `local` extra),
+# and no rich (the `shop` extra): the shop's terminal tools (jetpool demo, load, chaos, audit) do not run
+# in a pod; run them from a workstation with `pip install '.[shop]'`, or read the audit trail with SQL.
+# On Kubernetes the chart mounts the config at /etc/jetpool/config.yaml, sets JETPOOL_NATS_URL, makes
+# the root filesystem read-only and mounts an emptyDir on /tmp.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -21,6 +24,11 @@ COPY . .
 RUN /opt/jetpool/bin/pip install .
 
 FROM ${PYTHON_IMAGE}
+# tini, Debian's, as PID 1: it reaps orphaned processes (the kernel re-parents them to PID 1, which
+# must wait for them) and passes SIGTERM/SIGINT on to jetpool, whose own handlers start the drain.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/*
 # The chart's podSecurityContext uses this uid/gid; keep them in step.
 RUN groupadd --system --gid 10001 jetpool \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/jetpool --create-home \
@@ -31,12 +39,13 @@ COPY --from=build /src/config /usr/share/jetpool/config
 ENV PATH=/opt/jetpool/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-# Writable: on Kubernetes the chart mounts a data volume here for the handlers' files (SQLite audit store,
-# gateway ledger) under the read-only root filesystem.
+# Writable: on Kubernetes the chart mounts a data volume here for files a handler keeps, under the
+# read-only root filesystem.
 WORKDIR /var/lib/jetpool
 USER 10001:10001
-# /metrics, /health and /ready (jetpool run --http-port 8080).
-EXPOSE 8080
-# SIGTERM goes straight to the supervisor, which drains its workers before exiting.
-ENTRYPOINT ["jetpool"]
+# /metrics, /health and /ready (jetpool run --http-port 8080); the order API (jetpool api, 8000); the
+# payment gateway simulator (jetpool gateway, 8100).
+EXPOSE 8080 8000 8100
+# tini forwards SIGTERM to the supervisor only (not -g: the supervisor drains its workers itself).
+ENTRYPOINT ["tini", "--", "jetpool"]
 CMD ["--help"]

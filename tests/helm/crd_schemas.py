@@ -1,9 +1,9 @@
-"""Strict JSON schemas for the two custom resources the chart renders, which kubernetes-validate has none for.
+"""Strict JSON schemas for the custom resources the chart renders, which kubernetes-validate has none for.
 
-Written from the CRDs' documented fields (Prometheus operator ``monitoring.coreos.com/v1`` ServiceMonitor,
-KEDA ``keda.sh/v1alpha1`` ScaledObject), covering the part of each spec the chart can produce plus the
-common neighbours. ``additionalProperties: false`` throughout, so a misspelled or misplaced field fails the
-way the API server's structural-schema pruning would silently drop it.
+Written from the CRDs' documented fields (Prometheus operator ``monitoring.coreos.com/v1`` ServiceMonitor
+and PrometheusRule, KEDA ``keda.sh/v1alpha1`` ScaledObject), covering the part of each spec the chart can
+produce plus the common neighbours. ``additionalProperties: false`` throughout, so a misspelled or misplaced
+field fails the way the API server's structural-schema pruning would silently drop it.
 """
 
 from __future__ import annotations
@@ -72,6 +72,35 @@ SERVICE_MONITOR = _object({
     }, required=("selector", "endpoints")),
 }, required=("apiVersion", "kind", "metadata", "spec"))
 
+# A rule of a PrometheusRule group: an alert or a recording rule, never both (the operator's CRD requires
+# expr; promtool checks the PromQL itself).
+_RULE = {**_object({
+    "alert": {"type": "string", "minLength": 1},
+    "record": {"type": "string", "minLength": 1},
+    "expr": {"type": ["string", "integer"], "minLength": 1},
+    "for": _DURATION,
+    "keep_firing_for": _DURATION,
+    "labels": _STRING_MAP,
+    "annotations": _STRING_MAP,
+}, required=("expr",)), "oneOf": [{"required": ["alert"]}, {"required": ["record"]}]}
+
+PROMETHEUS_RULE = _object({
+    "apiVersion": {"const": "monitoring.coreos.com/v1"},
+    "kind": {"const": "PrometheusRule"},
+    "metadata": _METADATA,
+    "spec": _object({
+        "groups": {"type": "array", "items": _object({
+            "name": {"type": "string", "minLength": 1},
+            "interval": _DURATION,
+            "query_offset": _DURATION,
+            "limit": _INT32,
+            "partial_response_strategy": {"type": "string"},
+            "labels": _STRING_MAP,
+            "rules": {"type": "array", "items": _RULE},
+        }, required=("name",))},
+    }),
+}, required=("apiVersion", "kind", "metadata", "spec"))
+
 _TRIGGER = _object({
     "type": {"type": "string", "minLength": 1},
     "name": {"type": "string"},
@@ -113,5 +142,6 @@ SCALED_OBJECT = _object({
 
 CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
 }

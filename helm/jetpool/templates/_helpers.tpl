@@ -101,6 +101,7 @@ Every enabled service, merged and with what the templates derive from it:
   consumer      its durable consumer's name (config durable, default: the service name)
   configReplicas  the pod count the engine sizes max_ack_pending for (maxReplicas under KEDA)
   terminationGracePeriodSeconds  ceil(drain_timeout_s) + 5 + shutdownMarginSeconds
+  resources     jetpool.workerResources with the service's own resources merged over them
 Returns YAML: {NAME: {...}}.
 */}}
 {{- define "jetpool.services" -}}
@@ -120,6 +121,7 @@ Returns YAML: {NAME: {...}}.
 {{- $_ := set $svc "consumer" ($cfg.durable | default $name) -}}
 {{- $_ := set $svc "configReplicas" (ternary $svc.autoscaling.maxReplicas $svc.replicas $svc.autoscaling.enabled) -}}
 {{- $_ := set $svc "terminationGracePeriodSeconds" (add (ceil $drain) 5 $root.Values.shutdownMarginSeconds) -}}
+{{- $_ := set $svc "resources" (include "jetpool.merge" (dict "base" (include "jetpool.workerResources" $svc | fromYaml) "over" $svc.resources) | fromYaml) -}}
 {{- $_ := set $out $name $svc -}}
 {{- end -}}
 {{- end -}}
@@ -255,4 +257,48 @@ so no consumer is created that no pod reads.
 {{- end -}}
 {{- $_ := set $config "services" $services -}}
 {{- toYaml $config -}}
+{{- end -}}
+
+
+{{/*
+A service pod's resources from its worker count (serviceDefaults.perWorker): a core per worker process,
+the supervisor's memory plus each worker's, a memory limit of twice that and no CPU limit.
+*/}}
+{{- define "jetpool.workerResources" -}}
+{{- $per := .perWorker -}}
+{{- $millicores := mul .workers $per.cpuMillicores -}}
+{{- $memory := add $per.baseMemoryMiB (mul .workers $per.memoryMiB) -}}
+requests:
+  cpu: {{ if eq (mod $millicores 1000) 0 }}{{ div $millicores 1000 | quote }}{{ else }}{{ printf "%dm" $millicores }}{{ end }}
+  memory: {{ printf "%dMi" $memory }}
+limits:
+  memory: {{ printf "%dMi" (mul 2 $memory) }}
+{{- end -}}
+
+{{/* Whether the service pods skip provisioning: the provision Job does it, or their NATS users may not. */}}
+{{- define "jetpool.podsProvision" -}}
+{{- if not (or .Values.provisionJob.enabled .Values.nats.auth.perService) }}true{{ end -}}
+{{- end -}}
+
+{{/* JETPOOL_SHOP_DATABASE_URL from the database Secret (an env list entry). */}}
+{{- define "jetpool.databaseEnv" -}}
+- name: JETPOOL_SHOP_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "database.existingSecret must name the Secret with the shop's PostgreSQL DSN" .Values.database.existingSecret }}
+      key: {{ required "database.urlKey must name the DSN's key in database.existingSecret" .Values.database.urlKey }}
+{{- end -}}
+
+{{/* The payment processor's base URL: the simulator's Service, or gateway.url. */}}
+{{- define "jetpool.gatewayUrl" -}}
+{{- if .Values.gateway.enabled -}}
+http://{{ include "jetpool.fullname" . }}-gateway.{{ .Release.Namespace }}.svc:{{ .Values.gateway.port }}
+{{- else -}}
+{{- required "gateway.url must name the payment processor when gateway.enabled is false" .Values.gateway.url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of an extra component's objects (api, gateway): (dict "root" $ "name" NAME). */}}
+{{- define "jetpool.componentName" -}}
+{{- printf "%s-%s" (include "jetpool.fullname" .root) .name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
