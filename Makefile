@@ -39,8 +39,9 @@ bench: install
 # The fast-path tests (engine/transport) against the newest nats-py the package index serves, in a
 # throwaway venv layered over this one (only nats-py differs; nats-server from this venv); not part of `make test`. A release
 # outside engine/transport/fence.py's SUPPORTED range falls back, and these tests say so: see docs/nats-py.md.
-FASTPATH_TESTS := tests/unit/test_parser.py tests/unit/test_fast_path_fence.py tests/integration/test_parser.py \
-                  tests/integration/test_inbox.py tests/integration/test_outbox.py tests/integration/test_fast_path_metric.py
+FASTPATH_TESTS := tests/engine/unit/test_parser.py tests/engine/unit/test_fast_path_fence.py \
+                  tests/engine/integration/test_parser.py tests/engine/integration/test_inbox.py \
+                  tests/engine/integration/test_outbox.py tests/engine/integration/test_fast_path_metric.py
 
 fastpath-latest: install
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \

@@ -17,7 +17,7 @@ Writes ``benchmarks/results/shop_e2e.json`` and ``shop_e2e.png`` (throughput and
 against offered load). Run it with ``make bench`` or
 ``.venv/bin/pytest benchmarks/test_shop_e2e.py --benchmark-only -s``. Sizes can be set with
 ``SHOP_BENCH_ORDERS`` (sustained run, default 6000) and ``SHOP_BENCH_POINT_S`` (seconds per load
-point, default 8). :func:`run_e2e` is the whole run; ``tests/integration/test_shop_bench_smoke.py``
+point, default 8). :func:`run_e2e` is the whole run; ``tests/shop/integration/test_bench_smoke.py``
 runs a tiny one of it into a temp dir so the sweep and the plot cannot rot unnoticed.
 """
 

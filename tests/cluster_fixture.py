@@ -1,6 +1,6 @@
 """A 3-node JetStream cluster on loopback for one test, and helpers to talk to whichever nodes are up.
 
-Import the fixture into a test module (``from tests.cluster_fixture import cluster``). Teardown
+tests/conftest.py registers the fixture for both trees; a test asks for ``cluster``. Teardown
 SIGKILLs every node by its PID, also when the test failed; the store dirs stay for inspection.
 """
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: one nats-server per session, per-test configs, engine process trees.
+"""Fixtures of both trees (tests/engine, tests/shop): one nats-server per session, per-test configs,
+engine process trees, a 3-node cluster. The shop's own (its PostgreSQL) are in tests/shop/conftest.py.
 
 Every process a fixture starts is stopped by its PID in teardown, also when the test failed:
 the session's nats-server, any private nats-server a test asks for, and each engine's supervisor
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from engine.embedded import EmbeddedServer
-from tests.shop_database import shop_dsn, shop_postgres  # noqa: F401  (the shop's PostgreSQL, session-wide)
+from tests.cluster_fixture import cluster  # noqa: F401  (a 3-node cluster of the test's own)
 from tests.support import App, Engine, write_config
 
 

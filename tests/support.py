@@ -1,4 +1,5 @@
-"""Helpers shared by the integration and fault tests: configs, a NATS test client, engine processes.
+"""Helpers shared by the engine's and the shop's tests: configs, a NATS test client, engine processes,
+dead letters, and the HTTP endpoint's metrics.
 
 Everything here talks to 127.0.0.1 only. Tests are plain synchronous pytest functions; each NATS
 helper opens its own short-lived connection inside ``asyncio.run`` so no event loop outlives a call.
@@ -10,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,14 +29,19 @@ from typing import Any, TypeVar
 import nats
 import nats.js.errors
 import psutil
+import pytest
 import yaml
 from nats.js import api
+from prometheus_client.parser import text_string_to_metric_families
 
+from engine.config import load_config
+from engine.dlq import Entry, list_entries
 from engine.events import MSG_ID_HEADER, Event, derived_id
 from engine.process import EngineProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HANDLERS = "tests.handlers_fixture"
+HANDLERS = "tests.engine.handlers_fixture"  # route targets: f"{HANDLERS}:slow_echo"
+FAILING = "tests.engine.failure_handlers"  # handlers that fail on purpose: f"{FAILING}:poison_aware"
 
 T = TypeVar("T")
 
@@ -301,6 +311,96 @@ def settled(app: App, service: str) -> bool:
     """True when the service's consumer has nothing left: no pending and no unacknowledged message."""
     info = consumer_info(app, service)
     return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
+# ---- dead letters ---------------------------------------------------------------------------------
+
+
+def with_dlq(app: App, **top: Any) -> App:
+    """Give the test its own dead-letter stream (and any other top-level keys)."""
+    raw = dict(app.raw)
+    raw["dead_letter"] = {"stream": f"DLQ{app.stream}", "subject_prefix": f"dlq{app.prefix}"}
+    raw.update(top)
+    app.path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dataclasses.replace(app, raw=raw)
+
+
+def dlq(app: App, service: str | None = None) -> list[Entry]:
+    """The app's dead-letter entries (of ``service`` only, if given), oldest first."""
+
+    async def work() -> list[Entry]:
+        nc = await nats.connect(app.url)
+        try:
+            return await list_entries(nc.jetstream(), load_config(app.path), service, limit=10_000)
+        finally:
+            await nc.close()
+
+    return asyncio.run(work())
+
+
+# ---- the HTTP endpoint: health, readiness, metrics ----------------------------------------------------
+
+
+def with_http(app: App) -> App:
+    """Serve the app's HTTP endpoint on any free port of 127.0.0.1 (:func:`port_of` tells which)."""
+    raw = {**app.raw, "http": {"port": 0, "host": "127.0.0.1"}}
+    app.path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dataclasses.replace(app, raw=raw)
+
+
+def port_of(run: Engine) -> int:
+    """The port the engine's HTTP endpoint listens on, from its ``http.started`` log line."""
+    record = wait_for(lambda: run.records("http.started"), 30, "the HTTP endpoint", detail=run.tail)
+    return int(record[0]["port"])
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """GET ``path`` on 127.0.0.1: the status and the body, also for an error status."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, by name and sorted labels."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` that carry all of ``labels``."""
+    return sum(v for (n, ls), v in samples(text).items() if n == name and all((k, w) in ls for k, w in labels.items()))
+
+
+def scrape_until(port: int, check: Callable[[str], bool], what: str, timeout_s: float = 30.0) -> str:
+    """Scrape /metrics until ``check`` accepts the text (the lag gauges are sampled every 5 s)."""
+
+    def attempt() -> str | None:
+        text = get(port, "/metrics")[1]
+        return text if check(text) else None
+
+    return wait_for(attempt, timeout_s, what, interval_s=0.25)
+
+
+def promtool() -> str:
+    """promtool from PATH or the venv (``make install`` unpacks it there from Debian's package)."""
+    found = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.fail("promtool is missing: run 'make install' (it unpacks Debian's promtool into .venv/bin)")
+    return found
+
+
+def assert_valid_exposition(text: str) -> None:
+    """Prometheus' own parser accepts the text, and every metric family appears once."""
+    checked = subprocess.run([promtool(), "check", "metrics"], input=text, text=True, capture_output=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
 
 
 # ---- engine processes ------------------------------------------------------------------------------

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from engine.config import load_config, parse_config
 from engine.provision import short_duplicate_windows
+from tests.support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 
 
 def test_the_shipped_configs_cover_every_redelivery_with_their_duplicate_window() -> None:

@@ -41,8 +41,8 @@ def config(route: str) -> Config:
 
 @pytest.mark.parametrize(("target", "problem"), [
     ("tests.no_such_module:handle", "cannot import module 'tests.no_such_module' (No module named"),
-    ("tests.unit.broken_module:handle",
-     "importing module 'tests.unit.broken_module' failed: RuntimeError: settings missing"),
+    ("tests.engine.unit.broken_module:handle",
+     "importing module 'tests.engine.unit.broken_module' failed: RuntimeError: settings missing"),
     (f"{HERE}:missing", f"module '{HERE}' has no function 'missing'"),
     (f"{HERE}:not_async", f"'{HERE}:not_async' must be an 'async def' function"),
     (f"{HERE}:one_argument", f"'{HERE}:one_argument' must accept (event, ctx)"),

@@ -21,11 +21,12 @@ import pytest
 
 from engine.deadletter import H
 from engine.events import MSG_ID_HEADER, Event
-from tests.integration.test_failures import FAILING, dlq, with_dlq
 from tests.support import (
+    FAILING,
     App,
     Engine,
     count,
+    dlq,
     expected_pong_ids,
     pings,
     publish,
@@ -34,6 +35,7 @@ from tests.support import (
     run_cli,
     settled,
     wait_for,
+    with_dlq,
     write_config,
 )
 

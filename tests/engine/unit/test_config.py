@@ -12,8 +12,9 @@ import yaml
 
 from engine.config import Config, load_config, parse_config, subject_matches
 from engine.errors import ConfigError
+from tests.support import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 
 
 def shop() -> dict[str, Any]:

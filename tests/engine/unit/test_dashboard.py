@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,9 @@ import pytest
 import yaml
 
 from engine.metrics import EXPORTED_METRICS
+from tests.support import REPO_ROOT, promtool
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "helm" / "jetpool" / "dashboards" / "jetpool.json"
+DASHBOARD = REPO_ROOT / "helm" / "jetpool" / "dashboards" / "jetpool.json"
 
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 PROMQL_WORDS = frozenset({
@@ -139,14 +138,6 @@ def test_panels_use_the_datasource_variable_and_have_unique_ids() -> None:
         sources = [panel["datasource"], *(t["datasource"] for t in panel["targets"])]
         assert all(s == {"type": "prometheus", "uid": "${datasource}"} for s in sources), panel["title"]
     assert dashboard["uid"] == "jetpool"
-
-
-def promtool() -> str:
-    """promtool from PATH or the venv (``make install`` unpacks it there from Debian's package)."""
-    found = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
-    if found is None:
-        pytest.fail("promtool is missing: run 'make install' (it unpacks Debian's promtool into .venv/bin)")
-    return found
 
 
 def test_prometheus_parses_every_query(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Handlers the integration and fault tests route to (imported by engine subprocesses via PYTHONPATH).
+"""Handlers the engine's integration and fault tests route to (imported by engine subprocesses via PYTHONPATH).
 
 Keep them tiny and deterministic: each behaviour a test relies on is driven by the delivery attempt
 or by the event's data, never by timing or shared state across processes.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 from engine import Context, Event
 
@@ -78,4 +79,12 @@ async def together(event: Event, ctx: Context) -> Event:
         await asyncio.wait_for(_Together.all_in.wait(), 60)
     finally:  # a handler cancelled at its timeout (and redelivered) must not count twice
         _Together.inside -= 1
+    return _pong(event)
+
+
+async def gated_echo(event: Event, ctx: Context) -> Event:
+    """A Pong once the file ``settings.gate`` is gone: the lag test holds a worker's window with it."""
+    gate = Path(str(ctx.settings["gate"]))
+    while gate.exists():
+        await asyncio.sleep(0.05)
     return _pong(event)

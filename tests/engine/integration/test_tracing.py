@@ -25,7 +25,7 @@ async def _run_flow(url: str, exporter: InMemorySpanExporter) -> tuple[Event, di
     cfg = parse_config({
         "app": "trace", "subject_prefix": f"tr{uid}", "nats": {"url": url},
         "streams": [{"name": f"TR{uid}", "subjects": [f"tr{uid}.>"]}],
-        "services": {name: {"stream": f"TR{uid}", "routes": {t: "tests.failure_handlers:chain"}}
+        "services": {name: {"stream": f"TR{uid}", "routes": {t: "tests.engine.failure_handlers:chain"}}
                      for name, t in SERVICES.items()},
         "dead_letter": {"stream": f"TRDLQ{uid}", "subject_prefix": f"trdlq{uid}"},
     })

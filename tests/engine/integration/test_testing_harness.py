@@ -1,6 +1,6 @@
 """engine.testing as a user meets it: handler tests on a real nats-server, one per session.
 
-Written the way the README shows a handler test; the handlers live in tests/harness_handlers.py.
+Written the way the README shows a handler test; the handlers live in tests/engine/harness_handlers.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from engine.testing import TestApp
 pytest_plugins = ["engine.testing"]
 pytestmark = pytest.mark.usefixtures("jetpool_server")  # start the server in setup, not in the first test
 
-H = "tests.harness_handlers"
+H = "tests.engine.harness_handlers"
 ECHO = {"echo": {"routes": {"Ping": f"{H}:pong"}}}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,8 +14,9 @@ from nats.js import api
 from engine import advisories
 from engine.advisories import AdvisoryWatcher
 from engine.config import Config, load_config
+from tests.support import REPO_ROOT
 
-SHOP = Path(__file__).resolve().parents[2] / "handlers" / "shop.yaml"
+SHOP = REPO_ROOT / "handlers" / "shop.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ type without updating the server configuration fails here.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from engine.config import Config, load_config
 from handlers.saga import PRODUCERS
+from tests.support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 CONF = ROOT / "config" / "nats-server-least-privilege.conf"
 
 

@@ -16,19 +16,21 @@ from pathlib import Path
 from types import TracebackType
 
 from engine.events import Event
-from tests.integration.test_failures import FAILING, dlq, with_dlq
 from tests.support import (
     DEFAULT_SERVICE,
+    FAILING,
     App,
     Engine,
     consumer_info,
     count,
+    dlq,
     expected_pong_ids,
     pings,
     publish,
     read,
     settled,
     wait_for,
+    with_dlq,
 )
 
 OUTAGE_S = 20.0

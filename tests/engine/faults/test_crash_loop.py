@@ -19,7 +19,7 @@ SUPERVISOR = {"restart_backoff_s": 0.1, "restart_backoff_max_s": 0.2, "max_resta
 
 def test_worker_dying_at_start_is_a_crash_loop(make_config: Callable[..., App],
                                                engine: Callable[..., Engine]) -> None:
-    app = make_config({"echo": {"routes": {"Ping": "tests.crash_fixture:never_runs"}}}, supervisor=SUPERVISOR)
+    app = make_config({"echo": {"routes": {"Ping": "tests.engine.crash_fixture:never_runs"}}}, supervisor=SUPERVISOR)
     run = engine(app, env={"CRASH_FIXTURE_EXIT_CODE": "7"}, workers=0)
     assert run.wait_exit(120) == 3, run.tail()
     exited = run.records("worker.exited")

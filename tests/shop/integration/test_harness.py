@@ -1,7 +1,7 @@
 """The shop's payments and orders handlers tested through engine.testing, on the shop's own YAML.
 
-The harness's proof of use: ``tests/unit/test_shop_payments.py::test_an_order_is_authorized_and_recorded``
-and ``tests/unit/test_shop_orders.py::test_a_malformed_order_is_rejected`` call the handlers directly
+The harness's proof of use: ``tests/shop/unit/test_payments.py::test_an_order_is_authorized_and_recorded``
+and ``tests/shop/unit/test_orders.py::test_a_malformed_order_is_rejected`` call the handlers directly
 with in-memory state; here the same behaviour runs as deployed — routes, KV buckets, the breaker and
 the dead-letter stream of handlers/shop.yaml — with only the gateway's files moved into tmp_path.
 """

@@ -42,7 +42,7 @@ import yaml
 
 from engine.embedded import EmbeddedCluster
 from engine.events import MSG_ID_HEADER, Event
-from tests.cluster_fixture import cluster, via_live_node
+from tests.cluster_fixture import via_live_node
 from tests.support import (
     App,
     Engine,
@@ -55,8 +55,6 @@ from tests.support import (
     settled,
     wait_for,
 )
-
-__all__ = ["cluster"]  # the fixture, imported so pytest finds it
 
 TOTAL = 3000
 KILL_AFTER = 1000  # Pings of the first burst, published BURST_WINDOW at a time

@@ -2,8 +2,9 @@
 on its own ``dlq.<service>`` subject, so it can write entries naming any subject. ``jetpool dlq replay``,
 run by an operator with admin rights, must refuse them all, one clear line each, and touch no stream.
 
-The server is this module's own (the ``shop`` fixture of test_least_privilege: the shipped configuration,
-handlers/shop.yaml provisioned by the admin, passwords in its environment, killed by PID in teardown).
+The server is this module's own (the ``shop`` fixture of tests/shop/least_privilege_support.py: the shipped
+configuration, handlers/shop.yaml provisioned by the admin, passwords in its environment, killed by PID in
+teardown).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Any
 
 from engine.deadletter import H
 from engine.events import MSG_ID_HEADER, Event
-from tests.integration import test_least_privilege as least_privilege
-from tests.integration.test_least_privilege import Shop, as_user, counts, order
+from tests.shop import least_privilege_support
+from tests.shop.least_privilege_support import Shop, as_user, counts, order
 from tests.support import run_cli
 
-shop = least_privilege.shop  # this module gets its own server from the same fixture
+shop = least_privilege_support.shop  # this module gets its own server from the same fixture
 
 FORGED = Event(type="OrderConfirmed", data={"order_id": "never-paid"}, aggregate_id="never-paid")
 

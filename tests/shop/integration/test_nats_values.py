@@ -18,7 +18,6 @@ import nats
 import yaml
 
 from engine.embedded import EmbeddedCluster
-from tests.cluster_fixture import cluster  # noqa: F401  (the fixture)
 from tests.support import REPO_ROOT, run_cli
 
 NATS_VALUES = REPO_ROOT / "helm" / "nats-values.yaml"
@@ -83,7 +82,7 @@ def provision(config: Path, url: str) -> None:
 
 
 def test_what_the_engine_provisions_can_be_written_on_the_charts_nats(
-        cluster: EmbeddedCluster, tmp_path: Path) -> None:  # noqa: F811
+        cluster: EmbeddedCluster, tmp_path: Path) -> None:
     start_like_the_chart(cluster, tmp_path)
     provision(SHOP, cluster.urls)
     first = asyncio.run(write_everywhere(cluster.urls))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -17,50 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import nats
-import yaml
 
 from engine import advisories
 from engine.config import load_config
-from engine.dlq import Entry, list_entries
-from tests.integration.test_observability import get, port_of, total, with_http
 from tests.support import (
+    FAILING,
     App,
     Engine,
     consumer_info,
     count,
+    dlq,
     expected_pong_ids,
+    get,
     pings,
+    port_of,
     publish,
     publish_raw,
     read,
     run_cli,
     settled,
     stream_info,
+    total,
     wait_for,
+    with_dlq,
+    with_http,
 )
 
 StartEngine = Callable[..., Engine]
-FAILING = "tests.failure_handlers"
-
-
-def with_dlq(app: App, **top: Any) -> App:
-    """Give the test its own dead-letter stream (and any other top-level keys)."""
-    raw = dict(app.raw)
-    raw["dead_letter"] = {"stream": f"DLQ{app.stream}", "subject_prefix": f"dlq{app.prefix}"}
-    raw.update(top)
-    app.path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return dataclasses.replace(app, raw=raw)
-
-
-def dlq(app: App, service: str | None = None) -> list[Entry]:
-    async def work() -> list[Entry]:
-        nc = await nats.connect(app.url)
-        try:
-            return await list_entries(nc.jetstream(), load_config(app.path), service, limit=10_000)
-        finally:
-            await nc.close()
-
-    return asyncio.run(work())
 
 
 def failures_of(run: Engine, event_id: str) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""A user's handler module, as the harness tests route to it (``tests.harness_handlers:<function>``)."""
+"""A user's handler module, as the harness tests route to it (``tests.engine.harness_handlers:<function>``)."""
 
 from __future__ import annotations
 
