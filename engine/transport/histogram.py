@@ -11,7 +11,7 @@ real histogram in hand (a probe histogram would be exported by the multiprocess 
 supported prometheus-client that has those names, the fast write; otherwise
 ``jetpool_fast_path{path="histogram"}`` reads 0 and each tallied value is replayed through
 ``observe`` (:func:`observe_many`), with the same bucket counts, count and sum.
-tests/unit/test_metrics.py checks the fast write equals ``observe`` per value.
+tests/engine/unit/test_metrics.py checks the fast write equals ``observe`` per value.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ its parser calls for each message), ``Client._process_headers``, ``Client._subs`
 ``Subscription._id``, as nats-py 2.16 has them. :func:`inline` asks the fence
 (:mod:`engine.transport.fence`: a supported nats-py with those names) and otherwise leaves the
 subscription on nats-py's normal path, with ``jetpool_fast_path{path="inbox"}`` at 0;
-tests/integration/test_inbox.py fails then, so an upgrade that changes them is noticed.
+tests/engine/integration/test_inbox.py fails then, so an upgrade that changes them is noticed.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ next one. nats-py checks only the body; :meth:`Outbox.publish` raises :class:`Pa
 The few private attributes it
 uses are checked once per :class:`Outbox`, by the fence (:mod:`engine.transport.fence`: a supported
 nats-py with those names); without them every call goes through ``Client.publish``,
-``jetpool_fast_path{path="outbox"}`` reads 0 and tests/integration/test_outbox.py fails, so a nats-py
+``jetpool_fast_path{path="outbox"}`` reads 0 and tests/engine/integration/test_outbox.py fails, so a nats-py
 upgrade that changes them is noticed.
 """
 

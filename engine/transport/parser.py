@@ -18,7 +18,7 @@ It calls ``Client._process_msg(sid, subject, reply, payload, headers)`` with the
 nats-py's parser, so subscriptions see no difference. :func:`install` replaces ``Client._ps`` when the
 fence allows it (:mod:`engine.transport.fence`: a supported nats-py whose parser has those names);
 otherwise it leaves the client as it is, ``jetpool_fast_path{path="parser"}`` reads 0, and
-tests/integration/test_parser.py fails.
+tests/engine/integration/test_parser.py fails.
 """
 
 from __future__ import annotations
