@@ -53,6 +53,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nats
@@ -66,8 +67,8 @@ from engine.config import Config, load_config, parse_config
 from engine.connection import connect
 from engine.consumer import Consumer
 from engine.deadletter import DeadLetters
-from engine.deadletter import H as DLQ_HEADER
 from engine.dispatch import Context, build_router
+from engine.dlq import Entry, read_entry
 from engine.embedded import EmbeddedServer
 from engine.errors import MalformedEvent
 from engine.events import Event
@@ -153,40 +154,9 @@ class StoredMessage:
     event: Event | None
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """One entry of the app's dead-letter stream, read from its ``Jetpool-Dlq-*`` headers (as ``jetpool dlq``).
-
-    Attributes:
-        seq: the entry's sequence in the dead-letter stream (its id for ``jetpool dlq``).
-        service: the service that gave up on the message.
-        route: the event type it was routed as ("" when the body was no event).
-        error_type: the exception's class name (``Reject``, ``MalformedEvent``, ``RuntimeError``...).
-        error: the reason, the exception's message.
-        attempts: deliveries made before giving up.
-        subject: the subject the original was published on.
-        body: the original body (cut short only if it did not fit the dead-letter stream).
-        headers: every header of the entry, the original ones and the ``Jetpool-Dlq-*`` ones.
-    """
-
-    seq: int
-    service: str
-    route: str
-    error_type: str
-    error: str
-    attempts: int
-    subject: str
-    body: bytes
-    headers: Mapping[str, str]
-
-    @classmethod
-    def from_message(cls, seq: int, data: bytes, headers: Mapping[str, str]) -> DeadLetter:
-        def field(name: str) -> str:
-            return headers.get(DLQ_HEADER + name, "")
-
-        attempts = field("Attempts")
-        return cls(seq, field("Service"), field("Route"), field("Error-Type"), field("Error"),
-                   int(attempts) if attempts.isdigit() else 0, field("Subject"), data, dict(headers))
+# An entry of the app's dead-letter stream, as ``jetpool dlq`` reads it: service, route, error type,
+# reason, attempts, the original subject and body, every header.
+DeadLetter = Entry
 
 
 # ---- one service, in this process --------------------------------------------------------------------
@@ -558,7 +528,8 @@ class TestApp:
     async def _on_dead_letter(self, msg: Any) -> None:
         key = self._first_sight(msg)
         if key is not None:
-            self._dead.append(DeadLetter.from_message(key[1], msg.data, dict(msg.headers or {})))
+            self._dead.append(read_entry(SimpleNamespace(seq=key[1], subject=msg.subject, data=msg.data,
+                                                         headers=msg.headers)))
             self._wake()
 
     def _first_sight(self, msg: Any) -> tuple[str, int] | None:
