@@ -1,8 +1,9 @@
 """End-to-end benchmark of the shop: orders/s through all five services, and latency against offered load.
 
-Runs config/shop.yaml as shipped (only file paths, the broker URL and the probes port changed) on a
-fresh embedded nats-server, with the engine as ``python -m engine run`` — the same process tree as
-``jetpool demo`` — and drives it with the demo's load generator, so every point also checks the
+Runs config/shop.yaml as shipped (only the broker URL and the probes port changed) on a fresh embedded
+nats-server and a fresh embedded PostgreSQL (the audit store and the gateway's ledger), the payment gateway
+as a process of its own, and the engine as ``python -m engine run --no-sidecars`` — the same process
+tree as ``jetpool demo`` — and drives it with the demo's load generator, so every point also checks the
 invariants (no order lost, no double charge, stock consistent, audit complete).
 
 1. *Backlog drain*: all orders offered at once (``rate=0``); orders / time until the last one ended.
@@ -43,6 +44,9 @@ from engine.embedded import EmbeddedServer
 from engine.process import EngineProcess
 from engine.runtime import provision_only
 from handlers import SHOP_YAML
+from handlers.database import DATABASE_URL_ENV, EmbeddedPostgres, provision
+from handlers.gateway import GATEWAY_URL_ENV
+from handlers.gateway.process import GatewayProcess
 from handlers.tools.load import ShopLoad, Summary
 from handlers.tools.orders import Plan
 
@@ -81,38 +85,73 @@ class Sweep:
 
 
 def shop_config(directory: Path, url: str) -> Path:
-    """handlers/shop.yaml with this run's broker, files under ``directory`` and a free probes port."""
+    """handlers/shop.yaml with this run's broker and a free probes port (its sidecars are started here)."""
     raw: dict[str, Any] = yaml.safe_load(SHOP_YAML.read_text())
     raw["nats"] = {**raw.get("nats", {}), "url": url}
     raw["http"] = {"host": "127.0.0.1", "port": 0}
     raw["log"] = {"level": "warning", "format": "json"}
-    services = raw["services"]
-    services["payments"]["settings"]["gateway"].update(
-        ledger=str(directory / "ledger.sqlite"), control_file=str(directory / "control.json"))
-    services["audit"]["settings"]["db_path"] = str(directory / "audit.sqlite")
     path = directory / "shop.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
 @contextmanager
+def exported(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in this process's environment while the block runs (the load's checks read the DSN there)."""
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
 def shop(directory: Path) -> Iterator[Config]:
-    """A broker and the engine with all five services, stopped by PID afterwards."""
+    """A broker, PostgreSQL, the gateway and the engine with all five services, stopped by PID afterwards.
+
+    ``directory`` must be reachable by an unprivileged user (as root PostgreSQL runs as one) and short
+    (the server's socket lives in it).
+    """
     server = EmbeddedServer(store_dir=directory / "nats").start()
+    database = EmbeddedPostgres(directory / "postgres", die_with_parent=True)
+    gateway: GatewayProcess | None = None
     engine: EngineProcess | None = None
     try:
         path = shop_config(directory, server.url)
         cfg = load_config(path)
-        engine = EngineProcess(path, directory / "engine.log", nats_url=server.url,
-                               args=["--no-provision", "--log-level", "info"])
+        database.start()
+        uvloop.run(provision(database.dsn))
+        gateway = GatewayProcess(database.dsn, path, directory / "gateway.log", tied=True).start()
+        env = {DATABASE_URL_ENV: database.dsn, GATEWAY_URL_ENV: gateway.url}
+        engine = EngineProcess(path, directory / "engine.log", env={**os.environ, **env}, nats_url=server.url,
+                               args=["--no-provision", "--no-sidecars", "--log-level", "info"])
         uvloop.run(provision_only(cfg))
         engine.start()
         engine.wait_workers(sum(s.workers for s in cfg.services.values()))
-        yield cfg
+        with exported(env):
+            yield cfg
     finally:
-        if engine is not None:
-            engine.stop(timeout_s=30)
-        server.stop()
+        try:
+            if engine is not None:
+                engine.stop(timeout_s=30)
+            if gateway is not None:
+                gateway.stop()
+            database.stop()
+        finally:
+            server.stop()
+
+
+@contextmanager
+def workdir() -> Iterator[Path]:
+    """A temp dir an unprivileged PostgreSQL can reach (mode 0755, short path), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="shop-bench-") as tmp:
+        Path(tmp).chmod(0o755)
+        yield Path(tmp)
 
 
 def measure(cfg: Config, orders: int, rate: float, console: Console) -> Summary:
@@ -183,7 +222,7 @@ def run_e2e(results: Path, console: Console, sizes: Sizes | None = None,
     sizes = sizes or Sizes()
     results.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="shop-bench-") as tmp, shop(Path(tmp)) as cfg:
+    with workdir() as tmp, shop(tmp) as cfg:
         measure(cfg, sizes.warmup, 0, console)  # warm-up: imports, connections, first KV keys
         drain_run = functools.partial(measure, cfg, sizes.orders, 0, console)
         drain = timed(drain_run) if timed is not None else drain_run()

@@ -10,6 +10,7 @@ it is: an event already stored is skipped, so a rebuild never empties the store 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from engine.events import Event, check_subject
 from handlers.audit import describe
 from handlers.audit_store import AuditRecord, AuditStore, PostgresAuditStore, SqliteAuditStore
 from handlers.database import DatabaseError, database_url, shop_database
+from handlers.gateway import GATEWAY_URL_ENV
 from handlers.schemas import AUDIT_SCHEMA
 
 AUDIT_HANDLER = "handlers.audit:record"
@@ -72,16 +74,18 @@ async def open_audit_store(cfg: Config, start: bool = True) -> AsyncIterator[tup
 
 @contextlib.asynccontextmanager
 async def shop_database_for(cfg: Config) -> AsyncIterator[None]:
-    """Around a command that runs the shop: its database, when its audit service writes to PostgreSQL.
+    """Around a command that runs the shop: its database, when its audit service writes to PostgreSQL or
+    the payment gateway is started here (no ``JETPOOL_SHOP_GATEWAY_URL``: its ledger is in the database).
 
     Starts the embedded server unless ``JETPOOL_SHOP_DATABASE_URL`` is set, provisions the schemas and
     exports the DSN to the processes started inside; stops the server it started at exit.
     """
     try:
-        needs = "db_path" not in cfg.services[audit_service(cfg)].settings
+        audit_in_postgres = "db_path" not in cfg.services[audit_service(cfg)].settings
     except ConfigError:
-        needs = False  # no audit service: nothing of the shop uses the database yet
-    if not needs:
+        audit_in_postgres = False  # no audit service
+    gateway_here = not os.environ.get(GATEWAY_URL_ENV)
+    if not (audit_in_postgres or gateway_here):
         yield
         return
     async with shop_database():

@@ -3,7 +3,7 @@ provisioned on it by the admin user, and plain nats-py clients that log in as on
 
 A test module takes the server with ``shop = least_privilege_support.shop`` (a module-scoped fixture: each
 module gets its own server; random port, store in a temp dir, passwords in its environment, killed by PID
-in teardown).
+in teardown), with the payment gateway as a process of its own over a database of the session's PostgreSQL.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import yaml
 
 from engine.embedded import EmbeddedServer
 from engine.events import Event
+from handlers.database import DATABASE_URL_ENV, EmbeddedPostgres
+from handlers.gateway import GATEWAY_URL_ENV
+from tests.shop.gateway_support import database_on, gateway_process
 from tests.support import REPO_ROOT, App, run_cli
 
 CONF = REPO_ROOT / "config" / "nats-server-least-privilege.conf"
@@ -37,10 +40,14 @@ class Shop:
     server: EmbeddedServer
     app: App
     passwords: dict[str, str]
+    dsn: str
+    gateway_url: str
 
     def env(self, user: str) -> dict[str, str]:
-        """The engine's environment for ``user`` (services keep their replies under their own inbox prefix)."""
-        env = {"JETPOOL_NATS_USER": user, "JETPOOL_NATS_PASSWORD": self.passwords[user]}
+        """The engine's environment for ``user`` (services keep their replies under their own inbox prefix),
+        with the shop's database and payment gateway."""
+        env = {"JETPOOL_NATS_USER": user, "JETPOOL_NATS_PASSWORD": self.passwords[user],
+               DATABASE_URL_ENV: self.dsn, GATEWAY_URL_ENV: self.gateway_url}
         if user != "admin":
             env["JETPOOL_NATS_INBOX_PREFIX"] = f"_INBOX_{user}"
         return env
@@ -51,7 +58,7 @@ class Shop:
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+def shop(tmp_path_factory: pytest.TempPathFactory, shop_postgres: EmbeddedPostgres) -> Iterator[Shop]:
     directory = tmp_path_factory.mktemp("least-privilege")
     conf = CONF.read_text()
     assert STORE_LINE in conf, "the test removes the store_dir line (EmbeddedServer passes -sd)"
@@ -64,21 +71,23 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
             mp.setenv(f"NATS_{user.upper()}_PASSWORD", password)
         server.start()
     try:
-        shop = Shop(server, _shop_config(directory, server.url), passwords)
-        result = run_cli(["provision", "-c", str(shop.app.path)], env=shop.env("admin"))
-        assert result.returncode == 0, result.stderr
-        yield shop
+        app = _shop_config(directory, server.url)
+        with database_on(shop_postgres) as dsn, gateway_process(dsn, app.path, directory / "gateway.log") as url:
+            shop = Shop(server, app, passwords, dsn, url)
+            result = run_cli(["provision", "-c", str(shop.app.path)], env=shop.env("admin"))
+            assert result.returncode == 0, result.stderr
+            yield shop
     finally:
         server.kill()
 
 
 def _shop_config(directory: Path, url: str) -> App:
-    """handlers/shop.yaml pointed at the server, with the payment gateway's files in the temp dir."""
+    """handlers/shop.yaml pointed at the server, no declines, the audit store in the temp dir; no sidecars
+    (the fixture starts the gateway and gives the database, the test starts the API when it needs it)."""
     raw = yaml.safe_load(SHOP.read_text())
     raw["nats"] = {"url": url, "reconnect_wait_s": 0.25}
-    gateway = raw["services"]["payments"]["settings"]["gateway"]
-    gateway.update(ledger=str(directory / "ledger.sqlite"), control_file=str(directory / "control.json"),
-                   decline_rate=0.0, failure_rate=0.0)
+    raw.pop("sidecars", None)
+    raw["services"]["payments"]["settings"]["gateway"].update(decline_rate=0.0, failure_rate=0.0)
     raw["services"]["audit"]["settings"] = {"db_path": str(directory / "audit.sqlite")}
     path = directory / "shop.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -107,10 +107,13 @@ class Shop:
         self.config_path.write_text(yaml.safe_dump(chaos_config(base, self.workdir, self.server.url), sort_keys=False))
         self._cfg = load_config(self.config_path)
         await provision_only(self.cfg)
-        await asyncio.to_thread(self.database.start)
+        # Started on this thread, not in the loop's executor: a tied process gets its signal when the thread
+        # that started it ends, and the executor's threads end with the loop (a test's fixture runs one loop
+        # to start the shop and others to use it).
+        self.database.start()
         await provision(self.database.dsn)
         self.gateway = GatewayProcess(self.database.dsn, self.config_path, self.workdir / "gateway.log", tied=True)
-        await asyncio.to_thread(self.gateway.start)
+        self.gateway.start()
         await self.start_engine()
         return self
 

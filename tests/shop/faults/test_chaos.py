@@ -14,7 +14,10 @@ full-size figures are in docs/chaos.md (``jetpool chaos``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,14 +35,28 @@ from tests.support import run_cli
 RATE = 125.0
 
 
-@pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
-    running = Shop(tmp_path_factory.mktemp("chaos"), SHOP_YAML)
+@contextlib.contextmanager
+def workdir() -> Iterator[Path]:
+    """A work dir for a chaos shop, removed afterwards. Not under pytest's tmp dir (mode 0700): as root, the
+    shop's PostgreSQL runs as an unprivileged user, who must reach its data dir; and a short path keeps
+    the server's socket path within sun_path."""
+    path = Path(tempfile.mkdtemp(prefix="jetpool-chaos-"))
+    path.chmod(0o755)
     try:
-        uvloop.run(running.start())
-        yield running
+        yield path
     finally:
-        running.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shop() -> Iterator[Shop]:
+    with workdir() as directory:
+        running = Shop(directory, SHOP_YAML)
+        try:
+            uvloop.run(running.start())
+            yield running
+        finally:
+            running.close()
 
 
 def run(shop: Shop, scenario: Coroutine[Any, Any, Row]) -> Row:
@@ -170,9 +187,10 @@ def test_nats_server_killed_and_restarted_on_the_same_store(shop: Shop) -> None:
 # ---- the command -------------------------------------------------------------------------------------
 
 
-def test_jetpool_chaos_prints_json_rows_and_rejects_unknown_scenarios(tmp_path: Path) -> None:
-    result = run_cli(["chaos", "duplicates", "--orders", "60", "--json", "--workdir", str(tmp_path)],
-                     env={"COLUMNS": "200"}, timeout_s=150)
+def test_jetpool_chaos_prints_json_rows_and_rejects_unknown_scenarios() -> None:
+    with workdir() as directory:
+        result = run_cli(["chaos", "duplicates", "--orders", "60", "--json", "--workdir", str(directory)],
+                         env={"COLUMNS": "200"}, timeout_s=150)
     assert result.returncode == 0, result.stderr
     [row] = json.loads(result.stdout)
     assert (row["scenario"], row["orders"], row["lost"], row["duplicate_charges"], row["ok"]) == (

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import psutil
 import pytest
 import yaml
@@ -31,7 +32,8 @@ from engine.logs import json_records
 from engine.state import MemoryState
 from handlers import inventory
 from handlers.audit_store import AuditRecord, SqliteAuditStore
-from handlers.gateway import Result, SqliteLedger
+from handlers.database import DATABASE_URL_ENV, provision
+from handlers.schemas import LEDGER_SCHEMA
 from handlers.tools.load import Outcome, ShopLoad
 from handlers.tools.orders import Plan
 from tests.shop_support import write_shop_config
@@ -57,15 +59,16 @@ def stop(proc: subprocess.Popen[str]) -> None:
     psutil.wait_procs(tree, timeout=10)
 
 
-def _demo(config: Path, url: str, *args: str) -> subprocess.Popen[str]:
+def _demo(config: Path, url: str, dsn: str, *args: str) -> subprocess.Popen[str]:
+    """``jetpool demo`` on the session's broker, its gateway's ledger in the test's database."""
     command = [sys.executable, "-m", "engine", "demo", "-c", str(config), "--nats-url", url, *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-                            env=engine_env({"COLUMNS": "200"}), start_new_session=True)
+                            env=engine_env({"COLUMNS": "200", DATABASE_URL_ENV: dsn}), start_new_session=True)
 
 
-def _run_demo(app: App, log_dir: Path, *args: str) -> tuple[int, str]:
+def _run_demo(app: App, dsn: str, log_dir: Path, *args: str) -> tuple[int, str]:
     """Run the demo to its end: exit code and output with whitespace runs flattened."""
-    demo = _demo(app.path, app.url, *args, "--log-file", str(log_dir / "engine.log"))
+    demo = _demo(app.path, app.url, dsn, *args, "--log-file", str(log_dir / "engine.log"))
     try:
         out, _ = demo.communicate(timeout=150)
     finally:
@@ -85,9 +88,9 @@ def _shop_config(directory: Path, url: str, edit: Callable[[dict[str, Any]], Non
 
 
 def test_the_demo_reports_every_order_and_holds_its_invariants_through_an_outage(
-        nats_server: EmbeddedServer, tmp_path: Path) -> None:
-    app = write_shop_config(tmp_path, nats_server.url, gateway={"control_poll_s": 0.1})
-    code, text = _run_demo(app, tmp_path, "--orders", "150", "--rate", "100", "--failure-rate", "0.1",
+        nats_server: EmbeddedServer, shop_dsn: str, tmp_path: Path) -> None:
+    app = write_shop_config(tmp_path, nats_server.url)
+    code, text = _run_demo(app, shop_dsn, tmp_path, "--orders", "150", "--rate", "100", "--failure-rate", "0.1",
                            "--outage", "0.5:1", "--breaker-reset-s", "1")
     assert code == 0, text
     assert "150 of 150 orders ended" in text
@@ -102,9 +105,10 @@ def _without_orders_service(raw: dict[str, Any]) -> None:
     del raw["services"]["orders"]  # nobody moves an order to its end
 
 
-def test_the_demo_exits_1_when_its_orders_cannot_end(nats_server: EmbeddedServer, tmp_path: Path) -> None:
+def test_the_demo_exits_1_when_its_orders_cannot_end(nats_server: EmbeddedServer, shop_dsn: str,
+                                                      tmp_path: Path) -> None:
     app = _shop_config(tmp_path, nats_server.url, _without_orders_service)
-    code, text = _run_demo(app, tmp_path, "--orders", "20", "--rate", "0", "--stall-s", "1")
+    code, text = _run_demo(app, shop_dsn, tmp_path, "--orders", "20", "--rate", "0", "--stall-s", "1")
     assert code == 1, text
     assert "no order ended for 1s: giving up waiting" in text
     assert "0 of 20 orders ended" in text
@@ -115,12 +119,12 @@ def test_the_demo_exits_1_when_its_orders_cannot_end(nats_server: EmbeddedServer
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
 def test_ctrl_c_or_kill_9_stops_the_demo_and_every_process_it_started(sig: signal.Signals,
                                                                        nats_server: EmbeddedServer,
-                                                                       tmp_path: Path) -> None:
+                                                                       shop_dsn: str, tmp_path: Path) -> None:
     """Ctrl-C: the demo kills its engine. kill -9 runs no code in the demo: its engine is told by the
     kernel (SIGHUP on the parent's death), drains and exits with its workers."""
     app = write_shop_config(tmp_path, nats_server.url)
     log = tmp_path / "engine.log"
-    demo = _demo(app.path, nats_server.url, "--orders", "100000", "--rate", "200", "--log-file", str(log))
+    demo = _demo(app.path, nats_server.url, shop_dsn, "--orders", "100000", "--rate", "200", "--log-file", str(log))
     seen: dict[int, psutil.Process] = {}
     try:
         def engine_running() -> bool:
@@ -169,12 +173,34 @@ def _only(outcome: Outcome) -> tuple[str, str]:
     return outcome.lines[0]
 
 
-MoneyCorruption = Callable[[SqliteLedger, dict[str, str]], None]
+MoneyCorruption = Callable[[str, dict[str, str]], None]
 
 
-def _move(ledger: SqliteLedger, order_id: str, kind: str, key: str = "") -> None:
-    status = "authorized" if kind == "charge" else "refunded"
-    ledger.apply(key or f"{kind}:{order_id}", order_id, kind, 1000, Result(status, f"ref-{key or order_id}"))
+def _move(dsn: str, order_id: str, kind: str, key: str = "") -> None:
+    """A money movement written into the gateway's ledger tables as the gateway writes one (its key's row first)."""
+    key = f"{kind}:{key or order_id}"
+
+    async def write() -> None:
+        await provision(dsn, [LEDGER_SCHEMA])
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO ledger.idempotency_keys (key, kind, fingerprint, order_id, http_status, response) "
+                    "VALUES ($1, $2, 'f', $3, 200, '{}'::jsonb)", key, kind, order_id)
+                if kind == "charge":
+                    await conn.execute("INSERT INTO ledger.charges (id, order_id, amount_cents, currency, "
+                                       "idempotency_key) VALUES ($1, $2, 1000, 'usd', $1)", key, order_id)
+                else:
+                    charge = await conn.fetchval("SELECT id FROM ledger.charges WHERE order_id = $1 LIMIT 1",
+                                                 order_id)
+                    assert charge is not None, f"no charge of {order_id} to refund"
+                    await conn.execute("INSERT INTO ledger.refunds (id, charge_id, order_id, amount_cents, "
+                                       "idempotency_key) VALUES ($1, $2, $3, 1000, $1)", key, charge, order_id)
+        finally:
+            await conn.close()
+
+    asyncio.run(write())
 
 
 def _by_kind(kinds: dict[str, str], wanted: str) -> str:
@@ -182,32 +208,31 @@ def _by_kind(kinds: dict[str, str], wanted: str) -> str:
 
 
 MONEY: dict[str, tuple[MoneyCorruption, str]] = {
-    "charged twice": (lambda ledger, kinds: _move(ledger, _by_kind(kinds, "confirmed"), "charge", "again"),
+    "charged twice": (lambda dsn, kinds: _move(dsn, _by_kind(kinds, "confirmed"), "charge", "again"),
                       "1 charged or refunded twice"),
-    "refunded twice": (lambda ledger, kinds: _move(ledger, _by_kind(kinds, "out_of_stock"), "refund", "again"),
+    "refunded twice": (lambda dsn, kinds: _move(dsn, _by_kind(kinds, "out_of_stock"), "refund", "again"),
                        "1 charged or refunded twice"),
-    "declined yet charged": (lambda ledger, kinds: _move(ledger, _by_kind(kinds, "declined"), "charge"),
+    "declined yet charged": (lambda dsn, kinds: _move(dsn, _by_kind(kinds, "declined"), "charge"),
                              "1 orders' money does not match their end (e.g. {declined}: "),
-    "confirmed yet refunded": (lambda ledger, kinds: _move(ledger, _by_kind(kinds, "confirmed"), "refund"),
+    "confirmed yet refunded": (lambda dsn, kinds: _move(dsn, _by_kind(kinds, "confirmed"), "refund"),
                                "1 orders' money does not match their end (e.g. {confirmed}: "),
 }
 
 
 @pytest.mark.parametrize("corruption", [None, *MONEY])
-def test_the_double_charge_check_fails_on_each_kind_of_wrong_money(tmp_path: Path, corruption: str | None) -> None:
+def test_the_double_charge_check_fails_on_each_kind_of_wrong_money(tmp_path: Path, shop_dsn: str,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   corruption: str | None) -> None:
     load = _shop_load(tmp_path)
     kinds = _kinds(load)
-    ledger = SqliteLedger(load._gateway_settings()["ledger"])
-    try:
-        _move(ledger, _by_kind(kinds, "confirmed"), "charge")
-        _move(ledger, _by_kind(kinds, "out_of_stock"), "charge")
-        _move(ledger, _by_kind(kinds, "out_of_stock"), "refund")
-        if corruption is not None:
-            MONEY[corruption][0](ledger, kinds)
-    finally:
-        ledger.close()
+    _move(shop_dsn, _by_kind(kinds, "confirmed"), "charge")
+    _move(shop_dsn, _by_kind(kinds, "out_of_stock"), "charge")
+    _move(shop_dsn, _by_kind(kinds, "out_of_stock"), "refund")
+    if corruption is not None:
+        MONEY[corruption][0](shop_dsn, kinds)
+    monkeypatch.setenv(DATABASE_URL_ENV, shop_dsn)
     outcome = Outcome()
-    load._check_charges(outcome, kinds)
+    asyncio.run(load._check_charges(outcome, kinds))
     status, text = _only(outcome)
     if corruption is None:
         assert (status, text) == ("passed", "no double charge: 2 orders charged once, 1 refunded once")
@@ -309,33 +334,31 @@ def test_the_audit_check_fails_unless_each_event_is_stored_once(tmp_path: Path, 
     assert table is not None and table.row_count == stored
 
 
-def _unconfigured(raw: dict[str, Any]) -> None:
-    """No gateway ledger, no audit service."""
-    del raw["services"]["payments"]["settings"]["gateway"]["ledger"]
+def _without_audit(raw: dict[str, Any]) -> None:
     del raw["services"]["audit"]
 
 
-def test_checks_this_machine_cannot_do_are_skipped_with_the_reason(tmp_path: Path) -> None:
-    remote = _shop_load(tmp_path / "remote")  # its ledger and audit store were never written here
+def test_checks_this_machine_cannot_do_are_skipped_with_the_reason(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # no embedded PostgreSQL runs on its default data directory here
+    remote = _shop_load(tmp_path / "remote")  # its audit store was never written here
     outcome = Outcome()
-    remote._check_charges(outcome, {})
+    asyncio.run(remote._check_charges(outcome, {}))
     assert asyncio.run(remote._check_audit(outcome, {})) is None
-    ledger = remote._gateway_settings()["ledger"]
     audit = remote.cfg.services["audit"].settings["db_path"]
     assert outcome.lines == [
-        ("skipped", f"double-charge check skipped: the gateway ledger {ledger} is not on this machine"),
+        ("skipped", "double-charge check skipped: the gateway's ledger is not reachable from here "
+                    f"(no {DATABASE_URL_ENV}, no embedded PostgreSQL running)"),
         ("skipped", f"audit check skipped: the audit store {audit} is not on this machine")]
     assert outcome.ok
 
-    unconfigured = _shop_load(tmp_path / "unconfigured", _unconfigured)
+    unconfigured = _shop_load(tmp_path / "unconfigured", _without_audit)
     outcome = Outcome()
-    unconfigured._check_charges(outcome, {})
     assert asyncio.run(unconfigured._check_audit(outcome, {})) is None
-    source = unconfigured.cfg.source
     assert outcome.lines == [
-        ("skipped", f"double-charge check skipped: {source} names no gateway ledger "
-                    "(payments settings.gateway.ledger)"),
-        ("skipped", f"audit check skipped: {source}: no service routes events to handlers.audit:record")]
+        ("skipped", f"audit check skipped: {unconfigured.cfg.source}: no service routes events to "
+                    "handlers.audit:record")]
 
 
 def test_the_verdict_counts_skipped_checks_and_any_failure_wins() -> None:

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import json
 import os
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -21,9 +23,10 @@ from engine.events import MSG_ID_HEADER, Event
 from engine.state import KVState
 from handlers.audit_store import SqliteAuditStore
 from handlers.inventory import seed
+from handlers.tools.api_process import ApiProcess
 from tests.shop import least_privilege_support
 from tests.shop.least_privilege_support import CONF, Shop, as_user, counts, order
-from tests.support import Engine, wait_for
+from tests.support import Engine, engine_env, wait_for
 
 shop = least_privilege_support.shop  # this module's own server
 
@@ -87,6 +90,40 @@ def test_the_payments_service_runs_as_its_own_user(shop: Shop, engine: Callable[
     assert not run.records("nats.refused")
     assert shop.violations()[refused_before:] == []
     assert not [r for r in run.records() if r.get("level") == "error"], run.tail()
+
+
+def _http(method: str, url: str, body: dict[str, Any] | None = None, key: str = "") -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json", **({"Idempotency-Key": key} if key else {})}
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
+                                     headers=headers)
+    with urllib.request.urlopen(request, timeout=40) as response:
+        return response.status, json.loads(response.read())
+
+
+def test_the_order_api_runs_as_the_storefront(shop: Shop, engine: Callable[..., Engine], tmp_path: Path) -> None:
+    """POST /orders creates its request record and publishes OrderPlaced; GET ?wait reads the three buckets
+    and hears the order's record change: all of it with the storefront's grants, and nothing refused."""
+    async def stock_up(nc: Any, _: list[str]) -> None:
+        await seed(KVState(await nc.jetstream().key_value("stock")), {"api-widget": 5})
+
+    as_user(shop, "admin", stock_up)
+    refused_before = len(shop.violations())
+    run = engine(shop.app, env={**shop.env("admin"), "JETPOOL_HTTP_PORT": "0"}, args=["--no-provision"])
+    api = ApiProcess(shop.app.path, shop.server.url, tmp_path / "api.log",
+                     env=engine_env(shop.env("storefront"))).start()
+    try:
+        line = {"customer_id": "c-api", "sku": "api-widget", "qty": 2, "amount_cents": 1999}
+        status, placed = _http("POST", f"{api.url}/orders", line, key="lp-api-order-1")
+        assert status == 202, placed
+        assert _http("POST", f"{api.url}/orders", line, key="lp-api-order-1") == (202, placed)  # one order
+        status, state = _http("GET", f"{api.url}/orders/{placed['order_id']}?wait=30s")
+    finally:
+        api.stop()
+    assert status == 200
+    assert state["status"] == "confirmed", (state, run.tail())
+    assert state["payment"]["status"] == "authorized" and state["reservation"] == {"status": "reserved"}
+    assert shop.violations()[refused_before:] == []
+    assert "Violation" not in (tmp_path / "api.log").read_text(errors="replace")
 
 
 def test_the_admin_password_is_not_in_the_shipped_file() -> None:

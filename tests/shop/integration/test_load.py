@@ -1,14 +1,17 @@
 """``jetpool load`` against a shop that ``jetpool run`` serves on the session's nats-server.
 
-The shop runs as a deployment would: its own process tree, provisioned by ``run``. ``load`` places
-orders on it and checks the invariants: every check it can do from here, and the checks that need the
-deployment's files (the gateway ledger, the audit store) reported as skipped when they are elsewhere.
+The shop runs as a deployment would: its own process tree, provisioned by ``run``, and the payment gateway
+as a process of its own over a database of the session's PostgreSQL. ``load`` places orders on it and
+checks the invariants: every check it can do from here, and the checks that need what only the
+deployment reaches (the gateway's ledger, the audit store) reported as skipped when they are elsewhere.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +20,11 @@ import yaml
 
 from engine.embedded import EmbeddedServer
 from handlers import SHOP_YAML
+from handlers.database import DATABASE_URL_ENV, EmbeddedPostgres
+from handlers.gateway import GATEWAY_URL_ENV
+from tests.shop.gateway_support import database_on, gateway_process
 from tests.shop_support import write_shop_config
-from tests.support import App, Engine, run_cli
+from tests.support import App, Engine, engine_env, run_cli
 
 ORDERS = 100
 SUMMARY = re.compile(r"confirmed (\d+) cancelled (\d+) \(payment declined (\d+), out of stock (\d+)\) "
@@ -28,42 +34,57 @@ AUDIT = re.compile(r"✔ audit: (\d+) events stored once each \(expected (\d+) f
 
 
 @pytest.fixture(scope="module")
-def shop(nats_server: EmbeddedServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    """The five services under ``jetpool run`` (which provisions them), stopped by PID afterwards."""
+def shop_env(nats_server: EmbeddedServer, shop_postgres: EmbeddedPostgres,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[App, dict[str, str]]]:
+    """The five services under ``jetpool run`` (which provisions them) and the gateway, stopped by PID
+    afterwards; with the environment that reaches them (the database's DSN, the gateway's URL)."""
     tmp = tmp_path_factory.mktemp("shop-load")
     app = write_shop_config(tmp, nats_server.url)
-    engine = Engine(app.path, tmp / "engine.log", env={"JETPOOL_HTTP_PORT": "0"}).start()
-    try:
-        engine.wait_workers(len(app.raw["services"]), 90)
-        engine.descendants()
-        yield app
-    finally:
-        engine.kill_tree()
+    with database_on(shop_postgres) as dsn, gateway_process(dsn, app.path, tmp / "gateway.log") as gateway:
+        env = {DATABASE_URL_ENV: dsn, GATEWAY_URL_ENV: gateway}
+        engine = Engine(app.path, tmp / "engine.log", env={**env, "JETPOOL_HTTP_PORT": "0"}).start()
+        try:
+            engine.wait_workers(len(app.raw["services"]), 90)
+            engine.descendants()
+            yield app, env
+        finally:
+            engine.kill_tree()
 
 
-def _load(app: App, config: Path) -> tuple[int, str]:
+@pytest.fixture(scope="module")
+def shop(shop_env: tuple[App, dict[str, str]]) -> App:
+    return shop_env[0]
+
+
+def _load(app: App, config: Path, env: dict[str, str], cwd: Path | None = None) -> tuple[int, str]:
     """``jetpool load`` of ORDERS orders, as fast as the shop takes them; exit code and flattened output.
 
     Seed 1 puts 19 units of demand on the scarce sku, which gets 10: some orders run out of stock.
     """
-    result = run_cli(["load", "-c", str(config), "--nats-url", app.url, "--orders", str(ORDERS), "--rate", "0",
-                      "--seed", "1", "--stall-s", "30"], env={"COLUMNS": "200"}, timeout_s=150)
+    args = ["load", "-c", str(config), "--nats-url", app.url, "--orders", str(ORDERS), "--rate", "0",
+            "--seed", "1", "--stall-s", "30"]
+    if cwd is None:
+        result = run_cli(args, env={"COLUMNS": "200", **env}, timeout_s=150)
+    else:  # away from the checkout, whose .jetpool/postgres may hold a running embedded server
+        result = subprocess.run([str(Path(sys.executable).parent / "jetpool"), *args], capture_output=True,
+                                text=True, timeout=150, cwd=cwd, env=engine_env({"COLUMNS": "200", **env}))
     return result.returncode, " ".join((result.stdout + result.stderr).split())
 
 
 def _remote_view(app: App, directory: Path) -> Path:
-    """The same deployment's config as seen from another machine: its ledger and audit store are not here."""
+    """The same deployment's config as seen from another machine: its audit store is not here."""
     raw = copy.deepcopy(app.raw)
     elsewhere = directory / "on-another-machine"
-    raw["services"]["payments"]["settings"]["gateway"]["ledger"] = str(elsewhere / "ledger.sqlite")
     raw["services"]["audit"]["settings"]["db_path"] = str(elsewhere / "audit.sqlite")
     path = directory / "remote-view.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
-def test_load_places_its_orders_on_a_running_shop_and_checks_every_invariant(shop: App) -> None:
-    code, text = _load(shop, shop.path)
+def test_load_places_its_orders_on_a_running_shop_and_checks_every_invariant(
+        shop_env: tuple[App, dict[str, str]]) -> None:
+    shop, env = shop_env
+    code, text = _load(shop, shop.path, env)
     assert code == 0, text
     assert f"placing {ORDERS} orders, unthrottled, 20 skus" in text
     assert f"{ORDERS} of {ORDERS} orders ended" in text
@@ -86,13 +107,13 @@ def test_load_places_its_orders_on_a_running_shop_and_checks_every_invariant(sho
 
 
 def test_load_reports_the_checks_it_cannot_do_from_here_as_skipped(shop: App, tmp_path: Path) -> None:
-    code, text = _load(shop, _remote_view(shop, tmp_path))
+    code, text = _load(shop, _remote_view(shop, tmp_path), {}, cwd=tmp_path)  # no DSN: the ledger is elsewhere
     assert code == 0, text
     assert f"{ORDERS} of {ORDERS} orders ended" in text
     assert "✔ 0 orders lost" in text and "✔ stock consistent over 20 skus" in text
     elsewhere = tmp_path / "on-another-machine"
-    assert (f"○ double-charge check skipped: the gateway ledger {elsewhere / 'ledger.sqlite'} is not on this "
-            "machine") in text
+    assert ("○ double-charge check skipped: the gateway's ledger is not reachable from here (no "
+            f"{DATABASE_URL_ENV}, no embedded PostgreSQL running)") in text
     assert f"○ audit check skipped: the audit store {elsewhere / 'audit.sqlite'} is not on this machine" in text
     assert "no double charge" not in text and "audit:" not in text and "Audit timeline" not in text
     assert text.endswith("all checked invariants hold (2 checks skipped)")
