@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from handlers import SHOP_YAML
 from handlers.tools.orders import Plan, parse_outage
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
+# handlers.api.URL_ENV, which the API's sidecar exports (not imported: this module loads with every jetpool
+# command, the API's server with it would be a cost for all of them).
+API_URL_ENV = "JETPOOL_SHOP_API_URL"
 
 
 @contextlib.contextmanager
@@ -53,12 +57,17 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stall-s", type=float, default=60.0, help="stop waiting when no order ended for this long")
     parser.add_argument("--failure-rate", type=float, metavar="F", help="gateway failure rate during the run (0..1)")
     parser.add_argument("--outage", metavar="START:DURATION", help="gateway outage window in seconds, e.g. 3:5")
+    parser.add_argument("--concurrency", type=positive_int, default=64,
+                        help="POST /orders requests in flight at most (default %(default)s)")
+    parser.add_argument("--direct", action="store_true",
+                        help="publish OrderPlaced straight to the stream instead of POSTing to the order API "
+                             "(the event path alone, for benchmarks)")
 
 
 def _plan(args: argparse.Namespace) -> Plan:
     outage = parse_outage(args.outage) if args.outage else None
     return Plan(orders=args.orders, rate=args.rate, skus=args.skus, failure_rate=args.failure_rate,
-                outage=outage, stall_s=args.stall_s, seed=args.seed)
+                outage=outage, stall_s=args.stall_s, seed=args.seed, concurrency=args.concurrency)
 
 
 class Demo:
@@ -78,7 +87,8 @@ class Demo:
     async def run(self, args: argparse.Namespace) -> int:
         with _tools():
             from handlers.tools.demo import run_demo
-        return await run_demo(_load(args), _plan(args), Path(args.log_file), args.breaker_reset_s)
+        return await run_demo(_load(args), _plan(args), Path(args.log_file), args.breaker_reset_s,
+                              direct=args.direct)
 
 
 class Load:
@@ -90,6 +100,8 @@ class Load:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         _config(parser, "NATS URL of the deployment (or nats.url / JETPOOL_NATS_URL)")
         _plan_arguments(parser)
+        parser.add_argument("--api-url", default=os.environ.get(API_URL_ENV),
+                            help=f"the deployment's order API, e.g. http://127.0.0.1:8000 (default: ${API_URL_ENV})")
 
     async def run(self, args: argparse.Namespace) -> int:
         with _tools():
@@ -97,7 +109,10 @@ class Load:
         cfg = _load(args)
         if not cfg.nats.url:
             raise JetpoolError("load drives a running deployment: give --nats-url (or nats.url / JETPOOL_NATS_URL)")
-        return await run_load(cfg, _plan(args))
+        if not args.api_url and not args.direct:
+            raise JetpoolError(f"load places orders through the order API: give --api-url (or {API_URL_ENV}), "
+                               "or --direct to publish them straight to the stream")
+        return await run_load(cfg, _plan(args), None if args.direct else args.api_url.rstrip("/"))
 
 
 class Audit:

@@ -1,11 +1,15 @@
 """``jetpool load`` (and the load half of ``jetpool demo``): drive the shop with orders, then prove its invariants.
 
 ``load`` runs against a deployment that is already running (a Kubernetes cluster, say): seed the stock
-of this run's skus, place orders at a rate, watch OrderConfirmed / OrderCancelled go by (a plain
-subscription; latency is measured on this machine's clock from the publish of OrderPlaced), wait until
-every order has ended, then check that no order is lost (each ended, or is in the dead-letter stream)
-and the invariants of :mod:`handlers.tools.invariants` (the ledger and audit checks only when this
-machine can read those files: otherwise they are reported as skipped).
+of this run's skus, place orders at a rate — ``POST /orders`` to the order API with an ``Idempotency-Key``
+each, at most ``concurrency`` requests in flight (a 503 or a lost connection is retried with the same key),
+or with ``--direct`` ``OrderPlaced`` published straight to the stream, to measure the event path alone —
+watch OrderConfirmed / OrderCancelled go by (a plain subscription; latency is measured on this machine's
+clock from the POST, or the publish), wait until every order has ended, read each order's outcome
+(``GET /orders/{id}`` through the API, else the orders bucket), then check that no order is lost (each
+ended, or is in the dead-letter stream) and the invariants of :mod:`handlers.tools.invariants` (the
+ledger and audit checks only when this machine reaches the shop's database: otherwise they are
+reported as skipped).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -28,9 +33,11 @@ from engine.events import Event, now_iso
 from engine.publisher import Publisher
 from engine.state import KVState, StateStore
 from handlers import inventory
+from handlers.api.orders_input import FIELDS
 from handlers.audit_store import AuditStore
 from handlers.database import DatabaseError, database_url
 from handlers.gateway import GatewayClient, GatewayError, GatewayNotConfigured, gateway_settings, gateway_url
+from handlers.orders import CANCELLED, CONFIRMED
 from handlers.saga import ORDER_CANCELLED, ORDER_CONFIRMED
 from handlers.tools.audit_cli import open_audit_store, timeline_table
 from handlers.tools.invariants import EVENTS_PER_ORDER, Check, check_audit, check_money, check_stock
@@ -38,6 +45,8 @@ from handlers.tools.orders import Orders, Plan, kind_of, percentile
 
 EXIT_OK, EXIT_FAILED = 0, 1
 _MAX_UNACKED = 2000
+_POST_ATTEMPTS = 8  # a 503 (the broker is not answering) or a lost connection: retried with the same key
+_READERS = 32  # GET /orders/{id} in flight while reading outcomes
 
 
 # ---- watching orders end -------------------------------------------------------------------------
@@ -50,6 +59,12 @@ class Tracker:
     placed_at: dict[str, float] = field(default_factory=dict)
     ended: dict[str, tuple[float, str, str]] = field(default_factory=dict)  # id -> (at, type, reason)
     publish_errors: int = 0
+    first_error: str = ""
+
+    def failed(self, error: str) -> None:
+        """An order that could not be placed."""
+        self.publish_errors += 1
+        self.first_error = self.first_error or error
 
     async def on_terminal(self, msg: Any) -> None:
         now = time.monotonic()
@@ -92,7 +107,7 @@ class _Acks:
     async def on_puback(self, error: Exception | None) -> None:
         self.outstanding -= 1
         if error is not None:
-            self.tracker.publish_errors += 1
+            self.tracker.failed(f"{type(error).__name__}: {error}")
         if self.outstanding <= _MAX_UNACKED // 2:
             self.drained.set()
 
@@ -114,6 +129,53 @@ async def place_orders(publisher: Publisher, orders: list[Event], rate: float, t
         event.timestamp = now_iso()  # placed now, not when the run was planned
         acks.outstanding += 1
         await publisher.send(publisher.subject_for(event.type), event.encode(), event.headers(), acks)
+
+
+async def post_orders(session: aiohttp.ClientSession, orders: Orders, rate: float, tracker: Tracker,
+                      concurrency: int) -> None:
+    """POST each order to the API at ``rate`` per second (0: unthrottled), ``concurrency`` requests at most."""
+    loop = asyncio.get_running_loop()
+    slots = asyncio.Semaphore(concurrency)
+    running: set[asyncio.Task[None]] = set()
+    start = loop.time()
+    try:
+        for i, event in enumerate(orders.events):
+            if rate > 0:
+                ahead_s = start + i / rate - loop.time()
+                if ahead_s > 0.002:
+                    await asyncio.sleep(ahead_s)
+            await slots.acquire()
+            task = asyncio.create_task(_post(session, orders.keys[event.aggregate_id], event, tracker, slots))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        await asyncio.gather(*running)
+    finally:
+        for task in running:
+            task.cancel()
+
+
+async def _post(session: aiohttp.ClientSession, key: str, event: Event, tracker: Tracker,
+                slots: asyncio.Semaphore) -> None:
+    """One order placed: 202, or retried with the same key while the API answers 5xx or not at all."""
+    body = orjson.dumps({name: event.data[name] for name in FIELDS})
+    headers = {"Idempotency-Key": key, "Content-Type": "application/json"}
+    tracker.placed_at[event.aggregate_id] = time.monotonic()
+    error = ""
+    try:
+        for attempt in range(_POST_ATTEMPTS):
+            try:
+                async with session.post("/orders", data=body, headers=headers) as response:
+                    if response.status == 202:
+                        return
+                    error = f"POST /orders answered {response.status}: {(await response.text())[:200]}"
+                    if response.status < 500:
+                        break  # our request is wrong: a retry would be too
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                error = f"POST /orders: {type(exc).__name__}: {exc}"
+            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        tracker.failed(error)
+    finally:
+        slots.release()
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -193,24 +255,39 @@ class ShopLoad:
         cfg: the shop's config, with a reachable ``nats.url``.
         plan: what to send.
         console: where the progress bar and the summary go.
+        api_url: the order API's base URL; None: publish OrderPlaced straight to the stream.
     """
 
-    def __init__(self, cfg: Config, plan: Plan, console: Console) -> None:
+    def __init__(self, cfg: Config, plan: Plan, console: Console, api_url: str | None = None) -> None:
         self.cfg = cfg
         self.plan = plan
         self.console = console
-        self.orders = Orders.make(plan)
+        self.api_url = api_url
+        self.orders = Orders.make(plan, keyed=True)
         self.tracker = Tracker()
         self.summary: Summary | None = None
         self.started = 0.0
         self._nc: Any = None
+        self._http: aiohttp.ClientSession | None = None
 
     async def run(self) -> int:
         self._nc = await connect(self.cfg.nats, name=f"{self.cfg.app}.load")
         try:
-            return await self._run()
+            if self.api_url is None:
+                return await self._run()
+            connector = aiohttp.TCPConnector(limit=max(self.plan.concurrency, _READERS))
+            timeout = aiohttp.ClientTimeout(total=60, connect=5)
+            async with aiohttp.ClientSession(self.api_url, connector=connector, timeout=timeout) as self._http:
+                return await self._run()
         finally:
+            self._http = None
             await self._nc.close()
+
+    def _placing(self, publisher: Publisher) -> asyncio.Task[None]:
+        if self._http is None:
+            return asyncio.create_task(place_orders(publisher, self.orders.events, self.plan.rate, self.tracker))
+        return asyncio.create_task(post_orders(self._http, self.orders, self.plan.rate, self.tracker,
+                                               self.plan.concurrency))
 
     async def _run(self) -> int:
         js = self._nc.jetstream()
@@ -227,8 +304,7 @@ class ShopLoad:
             self.started = time.monotonic()
             with self._progress() as progress:
                 outage = asyncio.create_task(self._outage(control))
-                placing = asyncio.create_task(place_orders(publisher, self.orders.events, self.plan.rate,
-                                                           self.tracker))
+                placing = self._placing(publisher)
                 try:
                     await self._wait(progress, placing)
                 finally:
@@ -312,14 +388,14 @@ class ShopLoad:
 
     async def _report(self, js: Any, dlq_start: int) -> int:
         outcome = Outcome()
-        records = await self._order_records(js)
-        dead = await dead_lettered_orders(js, self.cfg, dlq_start, self.orders.run_id)
-        kinds = self._classify(records)
+        kinds = await self._api_outcomes() if self._http is not None else self._classify(await self._order_records(js))
+        dead = await dead_lettered_orders(js, self.cfg, dlq_start, set(self.orders.by_id))
         self._print_numbers(kinds, dead)
         lost = [oid for oid in self.orders.by_id if oid not in kinds and oid not in dead]
-        outcome.check(not lost and self.tracker.publish_errors == 0,
+        failed = self.tracker.publish_errors
+        outcome.check(not lost and failed == 0,
                       f"{len(lost)} orders lost" + (f" (e.g. {lost[0]})" if lost else "")
-                      + (f", {self.tracker.publish_errors} publishes failed" if self.tracker.publish_errors else ""))
+                      + (f", {failed} orders not placed ({self.tracker.first_error})" if failed else ""))
         await self._check_charges(outcome, kinds)
         await self._check_stock(KVState(await js.key_value("stock")), outcome, kinds)
         example = await self._check_audit(outcome, kinds)
@@ -338,6 +414,28 @@ class ShopLoad:
             return {}
         store = KVState(await js.key_value("orders"))
         return {oid: (await store.get(oid))[0] for oid in missing}
+
+    async def _api_outcomes(self) -> dict[str, str]:
+        """Order id -> confirmed | declined | out_of_stock for every order that ended, as ``GET /orders/{id}``
+        tells (an order whose end we did not see is waited for a moment)."""
+        assert self._http is not None
+        http, readers, kinds = self._http, asyncio.Semaphore(_READERS), dict[str, str]()
+
+        async def read(oid: str) -> None:
+            wait = "" if oid in self.tracker.ended else "?wait=1s"
+            try:
+                async with readers, http.get(f"/orders/{oid}{wait}") as response:
+                    if response.status != 200:
+                        return
+                    state = await response.json()
+            except (TimeoutError, aiohttp.ClientError):
+                return  # not read: counted as lost, never as ended
+            ended_by = state.get("ended_by") or {}
+            if state["status"] in (CONFIRMED, CANCELLED) and ended_by:
+                kinds[oid] = kind_of(state["status"] == CONFIRMED, str(ended_by.get("reason") or ""))
+
+        await asyncio.gather(*(read(oid) for oid in self.orders.by_id))
+        return kinds
 
     def _classify(self, records: dict[str, Any]) -> dict[str, str]:
         """Order id -> confirmed | declined | out_of_stock, for every order that ended."""
@@ -385,7 +483,7 @@ class ShopLoad:
                 outcome.skip("audit check", str(exc))
                 return None
             expected = sum(EVENTS_PER_ORDER[k] for k in kinds.values())
-            stored = await _wait_audit(store, self.orders.run_id, expected)
+            stored = await _wait_audit(store, kinds, expected)
             outcome.add(check_audit(stored, expected, "for the orders that ended"))
             example = _example(kinds)
             return timeline_table(example, await store.timeline(example)) if example else None
@@ -400,13 +498,23 @@ def _example(kinds: dict[str, str]) -> str | None:
     return None
 
 
-async def _wait_audit(store: AuditStore, run_id: str, expected: int, timeout_s: float = 30.0) -> int:
-    """Audit runs behind the saga: give it a moment to catch up."""
+async def _wait_audit(store: AuditStore, kinds: dict[str, str], expected: int, timeout_s: float = 30.0) -> int:
+    """The events the store holds of the ended orders. Audit runs behind the saga: give it a moment to catch
+    up; each round re-reads only the orders whose timelines are not complete yet."""
     deadline = time.monotonic() + timeout_s
+    stored: dict[str, int] = {}
+    readers = asyncio.Semaphore(8)
+
+    async def read(oid: str) -> None:
+        async with readers:
+            stored[oid] = len(await store.timeline(oid))
+
     while True:
-        stored = await store.count(order_prefix=run_id + "-")
-        if stored >= expected or time.monotonic() > deadline:
-            return stored
+        await asyncio.gather(*(read(oid) for oid, kind in kinds.items()
+                               if stored.get(oid, 0) < EVENTS_PER_ORDER[kind]))
+        total = sum(stored.values())
+        if total >= expected or time.monotonic() > deadline:
+            return total
         await asyncio.sleep(0.2)
 
 
@@ -422,32 +530,36 @@ def _dlq_stream(cfg: Config) -> str:
     return str(getattr(dead_letter, "stream", "DLQ"))
 
 
-async def dead_lettered_orders(js: Any, cfg: Config, after_seq: int, run_id: str) -> set[str]:
-    """Order ids of this run with an event in the dead-letter stream."""
+async def dead_lettered_orders(js: Any, cfg: Config, after_seq: int, orders: str | set[str]) -> set[str]:
+    """Order ids of this run with an event in the dead-letter stream: the run's ``orders`` (ids), or the
+    orders whose ids start with ``orders`` + ``-`` (a run id)."""
     stream, found = _dlq_stream(cfg), set()
     with contextlib.suppress(Exception):
         last = int((await js.stream_info(stream)).state.last_seq)
         for seq in range(after_seq + 1, last + 1):
             with contextlib.suppress(Exception):
                 body = orjson.loads((await js.get_msg(stream, seq)).data)
-                if str(body.get("aggregate_id", "")).startswith(run_id + "-"):
-                    found.add(body["aggregate_id"])
+                oid = str(body.get("aggregate_id", ""))
+                if oid in orders if isinstance(orders, set) else oid.startswith(orders + "-"):
+                    found.add(oid)
     return found
 
 
 
 
-async def run_load(cfg: Config, plan: Plan, console: Console | None = None) -> int:
-    """Only the load, against a running deployment."""
+async def run_load(cfg: Config, plan: Plan, api_url: str | None, console: Console | None = None) -> int:
+    """Only the load, against a running deployment: through its API at ``api_url`` (None: to the stream)."""
     console = console or Console()
-    console.print(describe(plan))
-    return await ShopLoad(cfg, plan, console).run()
+    console.print(describe(plan, api_url))
+    return await ShopLoad(cfg, plan, console, api_url).run()
 
 
-def describe(plan: Plan) -> str:
+def describe(plan: Plan, api_url: str | None) -> str:
     """The plan in words, for the console."""
     parts = [f"{plan.orders} orders", "unthrottled" if not plan.rate else f"at {plan.rate:g}/s",
              f"{plan.skus} skus"]
+    parts.append(f"POST {api_url}/orders ({plan.concurrency} requests at most in flight)" if api_url
+                 else "OrderPlaced published straight to the stream")
     if plan.failure_rate is not None:
         parts.append(f"gateway failure rate {plan.failure_rate:g}")
     if plan.outage is not None:

@@ -93,6 +93,7 @@ def test_the_demo_reports_every_order_and_holds_its_invariants_through_an_outage
     code, text = _run_demo(app, shop_dsn, tmp_path, "--orders", "150", "--rate", "100", "--failure-rate", "0.1",
                            "--outage", "0.5:1", "--breaker-reset-s", "1")
     assert code == 0, text
+    assert "POST http://127.0.0.1:" in text and "/orders (64 requests at most in flight)" in text  # through the API
     assert "150 of 150 orders ended" in text
     assert "latency placed → ended: p50" in text
     assert "0 orders lost" in text and "no double charge" in text and "stock consistent over 20 skus" in text

@@ -1,9 +1,10 @@
 """``jetpool load`` against a shop that ``jetpool run`` serves on the session's nats-server.
 
-The shop runs as a deployment would: its own process tree, provisioned by ``run``, and the payment gateway
-as a process of its own over a database of the session's PostgreSQL. ``load`` places orders on it and
-checks the invariants: every check it can do from here, and the checks that need what only the
-deployment reaches (the gateway's ledger, the audit store) reported as skipped when they are elsewhere.
+The shop runs as a deployment would: its own process tree, provisioned by ``run``, the payment gateway
+over a database of the session's PostgreSQL and the order API, each a process of its own. ``load`` places
+orders on it through the API (or, with ``--direct``, straight onto the stream) and checks the invariants:
+every check it can do from here, and the checks that need what only the deployment reaches (the gateway's
+ledger, the audit store) reported as skipped when they are elsewhere.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import yaml
 
 from engine.embedded import EmbeddedServer
 from handlers import SHOP_YAML
+from handlers.api import URL_ENV as API_URL_ENV
 from handlers.database import DATABASE_URL_ENV, EmbeddedPostgres
 from handlers.gateway import GATEWAY_URL_ENV
+from handlers.tools.api_process import ApiProcess
 from tests.shop.gateway_support import database_on, gateway_process
 from tests.shop_support import write_shop_config
 from tests.support import App, Engine, engine_env, run_cli
@@ -43,11 +46,15 @@ def shop_env(nats_server: EmbeddedServer, shop_postgres: EmbeddedPostgres,
     with database_on(shop_postgres) as dsn, gateway_process(dsn, app.path, tmp / "gateway.log") as gateway:
         env = {DATABASE_URL_ENV: dsn, GATEWAY_URL_ENV: gateway}
         engine = Engine(app.path, tmp / "engine.log", env={**env, "JETPOOL_HTTP_PORT": "0"}).start()
+        api: ApiProcess | None = None
         try:
             engine.wait_workers(len(app.raw["services"]), 90)
             engine.descendants()
-            yield app, env
+            api = ApiProcess(app.path, app.url, tmp / "api.log", env=engine_env()).start()
+            yield app, {**env, API_URL_ENV: api.url}
         finally:
+            if api is not None:
+                api.stop()
             engine.kill_tree()
 
 
@@ -56,13 +63,13 @@ def shop(shop_env: tuple[App, dict[str, str]]) -> App:
     return shop_env[0]
 
 
-def _load(app: App, config: Path, env: dict[str, str], cwd: Path | None = None) -> tuple[int, str]:
+def _load(app: App, config: Path, env: dict[str, str], *more: str, cwd: Path | None = None) -> tuple[int, str]:
     """``jetpool load`` of ORDERS orders, as fast as the shop takes them; exit code and flattened output.
 
     Seed 1 puts 19 units of demand on the scarce sku, which gets 10: some orders run out of stock.
     """
     args = ["load", "-c", str(config), "--nats-url", app.url, "--orders", str(ORDERS), "--rate", "0",
-            "--seed", "1", "--stall-s", "30"]
+            "--seed", "1", "--stall-s", "30", *more]
     if cwd is None:
         result = run_cli(args, env={"COLUMNS": "200", **env}, timeout_s=150)
     else:  # away from the checkout, whose .jetpool/postgres may hold a running embedded server
@@ -84,9 +91,9 @@ def _remote_view(app: App, directory: Path) -> Path:
 def test_load_places_its_orders_on_a_running_shop_and_checks_every_invariant(
         shop_env: tuple[App, dict[str, str]]) -> None:
     shop, env = shop_env
-    code, text = _load(shop, shop.path, env)
+    code, text = _load(shop, shop.path, env)  # the API's URL in JETPOOL_SHOP_API_URL, as its sidecar exports it
     assert code == 0, text
-    assert f"placing {ORDERS} orders, unthrottled, 20 skus" in text
+    assert f"placing {ORDERS} orders, unthrottled, 20 skus, POST {env[API_URL_ENV]}/orders (64 requests" in text
     assert f"{ORDERS} of {ORDERS} orders ended" in text
     summary = SUMMARY.search(text)
     assert summary is not None, text
@@ -107,8 +114,10 @@ def test_load_places_its_orders_on_a_running_shop_and_checks_every_invariant(
 
 
 def test_load_reports_the_checks_it_cannot_do_from_here_as_skipped(shop: App, tmp_path: Path) -> None:
-    code, text = _load(shop, _remote_view(shop, tmp_path), {}, cwd=tmp_path)  # no DSN: the ledger is elsewhere
+    # No DSN: the ledger is elsewhere; no API either: the orders go straight to the stream.
+    code, text = _load(shop, _remote_view(shop, tmp_path), {}, "--direct", cwd=tmp_path)
     assert code == 0, text
+    assert "OrderPlaced published straight to the stream" in text
     assert f"{ORDERS} of {ORDERS} orders ended" in text
     assert "✔ 0 orders lost" in text and "✔ stock consistent over 20 skus" in text
     elsewhere = tmp_path / "on-another-machine"
@@ -121,8 +130,15 @@ def test_load_reports_the_checks_it_cannot_do_from_here_as_skipped(shop: App, tm
 
 
 def test_load_without_a_broker_url_exits_2_and_says_what_to_give() -> None:
-    result = run_cli(["load", "-c", str(SHOP_YAML), "--orders", "10"])  # the shop's YAML has no nats.url
+    result = run_cli(["load", "-c", str(SHOP_YAML), "--orders", "10", "--direct"])  # the YAML has no nats.url
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr == ("jetpool: error: load drives a running deployment: give --nats-url "
                              "(or nats.url / JETPOOL_NATS_URL)\n")
     assert result.stdout == ""  # nothing was placed
+
+
+def test_load_without_an_api_url_says_how_to_give_one(shop: App) -> None:
+    result = run_cli(["load", "-c", str(shop.path), "--nats-url", shop.url, "--orders", "10"])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == ("jetpool: error: load places orders through the order API: give --api-url (or "
+                             f"{API_URL_ENV}), or --direct to publish them straight to the stream\n")
