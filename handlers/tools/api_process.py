@@ -51,11 +51,14 @@ class ApiProcess:
     def start(self, ready_timeout_s: float = 60.0) -> Self:
         """Start it and wait until ``/ready`` answers 200 (connected, the orders bucket provisioned)."""
         port = _free_port()
-        args = [sys.executable, "-m", "engine", "api", "-c", str(self.config), "--nats-url", self.nats_url,
+        # The URL goes in the environment, never in argv: ps shows argv (and a password in it) to everyone.
+        args = [sys.executable, "-m", "engine", "api", "-c", str(self.config),
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"]
+        env = {k: v for k, v in self.env.items() if k != "JETPOOL__NATS__URL"}
+        env["JETPOOL_NATS_URL"] = self.nats_url
         preexec = die_with_parent(signal.SIGTERM) if self.tied else None
         with open(self.log_path or os.devnull, "ab") as out:
-            self.proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=out, start_new_session=True,
+            self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=out, start_new_session=True,
                                          preexec_fn=preexec)
         self.url = f"http://127.0.0.1:{port}"
         try:
