@@ -9,12 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import nats
 import yaml
 
 from engine import Context, Event
 from engine.breaker import Breaker
-from engine.state import MemoryState, Mutation, Value, mutate_with_cas
-from handlers import SHOP_YAML
+from engine.state import KVState, MemoryState, Mutation, Value, mutate_with_cas
+from handlers import SHOP_YAML, inventory
 from handlers.saga import ORDER_PLACED
 from tests.support import App
 
@@ -97,3 +98,17 @@ def write_shop_config(directory: Path, url: str, workers: Mapping[str, int] | No
     path = directory / f"shop-{uid}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return App(path, url, stream, prefix, raw)
+
+
+async def seed_stock(url: str, levels: dict[str, int]) -> None:
+    """Set the available stock of each sku in the ``stock`` bucket (created when the shop is not provisioned yet)."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        try:
+            kv = await js.key_value("stock")
+        except nats.js.errors.BucketNotFoundError:
+            kv = await js.create_key_value(bucket="stock")
+        await inventory.seed(KVState(kv), levels)
+    finally:
+        await nc.close()

@@ -14,8 +14,6 @@ import yaml
 
 from engine.config import Config, load_config
 from engine.runtime import provision_only
-from engine.state import KVState
-from handlers import inventory
 from handlers.api import serve
 from tests.shop_support import write_shop_config
 from tests.support import App
@@ -47,14 +45,6 @@ async def stream_messages(app: App) -> int:
     try:
         info = await nc.jetstream().stream_info(app.stream)
         return int(info.state.messages)
-    finally:
-        await nc.close()
-
-
-async def seed_stock(url: str, levels: dict[str, int]) -> None:
-    nc = await nats.connect(url)
-    try:
-        await inventory.seed(KVState(await nc.jetstream().key_value("stock")), levels)
     finally:
         await nc.close()
 

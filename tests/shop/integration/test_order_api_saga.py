@@ -11,8 +11,9 @@ from typing import Any
 
 from engine.embedded import EmbeddedServer
 from handlers.gateway import GATEWAY_URL_ENV
-from tests.shop.api_support import api, api_shop, post_order, seed_stock
+from tests.shop.api_support import api, api_shop, post_order
 from tests.shop.gateway_support import gateway_process
+from tests.shop_support import seed_stock
 from tests.support import Engine
 
 

@@ -12,17 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
-import nats
 import yaml
 
 from engine.embedded import EmbeddedServer
-from engine.state import KVState
-from handlers import inventory
 from handlers.database import DATABASE_URL_ENV
 from handlers.gateway import GATEWAY_URL_ENV
 from handlers.gateway.ledger import double_charges, movements
 from tests.shop.gateway_support import gateway_process, ledger_rows
-from tests.shop_support import order_placed, write_shop_config
+from tests.shop_support import order_placed, seed_stock, write_shop_config
 from tests.support import App, Engine, count, publish, read, settled, wait_for
 
 ORDERS = 300
@@ -42,19 +39,6 @@ def shop_config(tmp_path: Path, url: str) -> App:
     return app
 
 
-async def _seed(url: str, levels: dict[str, int]) -> None:
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        try:
-            kv = await js.key_value("stock")
-        except Exception:
-            kv = await js.create_key_value(bucket="stock")
-        await inventory.seed(KVState(kv), levels)
-    finally:
-        await nc.close()
-
-
 async def _audited(dsn: str, ids: set[str]) -> tuple[int, int]:
     """(rows, distinct event ids) of the audit trail for these orders."""
     conn = await asyncpg.connect(dsn)
@@ -71,7 +55,7 @@ def test_two_payments_and_two_audit_workers_one_of_each_killed_charge_once_and_a
     app = shop_config(tmp_path, nats_server.url)
     uid = uuid.uuid4().hex[:8]
     sku = f"sku-{uid}"
-    asyncio.run(_seed(nats_server.url, {sku: 10_000}))
+    asyncio.run(seed_stock(nats_server.url, {sku: 10_000}))
     orders = [order_placed(sku=sku, amount_cents=100 + i, order_id=f"o-{uid}-{i}") for i in range(ORDERS)]
     ids = {o.aggregate_id for o in orders}
 

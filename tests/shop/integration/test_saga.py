@@ -31,7 +31,7 @@ from handlers.gateway.ledger import double_charges, movements
 from handlers.saga import PRODUCERS
 from handlers.tools.load import dead_lettered_orders
 from tests.shop.gateway_support import database_on, gateway_process, set_faults
-from tests.shop_support import order_placed, write_shop_config
+from tests.shop_support import order_placed, seed_stock, write_shop_config
 from tests.support import App, Engine, count, publish, read, run_cli, settled, wait_for
 
 ORDERS = 200
@@ -65,19 +65,6 @@ async def _kv(url: str, bucket: str, keys: list[str]) -> dict[str, Any]:
     try:
         store = KVState(await nc.jetstream().key_value(bucket))
         return {key: (await store.get(key))[0] for key in keys}
-    finally:
-        await nc.close()
-
-
-async def _seed(url: str, levels: dict[str, int]) -> None:
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        try:
-            kv = await js.key_value("stock")
-        except Exception:
-            kv = await js.create_key_value(bucket="stock")
-        await inventory.seed(KVState(kv), levels)
     finally:
         await nc.close()
 
@@ -123,7 +110,7 @@ def run(nats_server: EmbeddedServer, shop_postgres: EmbeddedPostgres,
     skus = list(stock)
     orders = [order_placed(sku=skus[i % 2], qty=rng.randint(1, 2), amount_cents=rng.randint(100, 20_000),
                            order_id=f"o-{uid}-{i}") for i in range(ORDERS)]
-    asyncio.run(_seed(nats_server.url, stock))
+    asyncio.run(seed_stock(nats_server.url, stock))
     with database_on(shop_postgres) as dsn, gateway_process(dsn, app.path, tmp / "gateway.log") as gateway:
         yield from _run(app, tmp, dsn, gateway, orders, stock, skus, uid, rng)
 
