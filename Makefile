@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean fastpath-latest
+.PHONY: install demo test lint bench bench-tools clean fastpath-latest
 
 $(BIN)/jetpool: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ lint: install
 test: lint
 	$(BIN)/pytest
 
-bench: install
+# wrk (Debian's), the HTTP load tool of the shop's e2e benchmark (benchmarks/shop_http.py), when missing.
+bench-tools:
+	@command -v wrk >/dev/null || (apt-get install -y -qq wrk >/dev/null 2>&1 || \
+	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null))
+
+bench: install bench-tools
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/pytest benchmarks --benchmark-only -p no:cacheprovider -s
 

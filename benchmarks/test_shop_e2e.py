@@ -15,7 +15,13 @@ invariants (no order lost, no double charge, stock consistent, audit complete).
 3. *Half load*: one more point at half the sustained rate — the latency the issue asks about.
 
 Writes ``benchmarks/results/shop_e2e.json`` and ``shop_e2e.png`` (throughput and p50/p99 latency
-against offered load). Run it with ``make bench`` or
+against offered load).
+
+4. *Over HTTP* (:func:`run_http_e2e`, ``test_shop_end_to_end_over_http``): the same shop with its order API,
+   driven by ``wrk`` (Debian's; ``make bench-tools`` installs it) POSTing orders, each with its own
+   ``Idempotency-Key``, paced at the event path's half-load and sustained rates for ``SHOP_BENCH_HTTP_S``
+   seconds (default 30); orders/s and p50/p99 placed → ended read from the audit store
+   (:mod:`benchmarks.shop_http`). Writes ``shop_e2e_http.json``. Run it with ``make bench`` or
 ``.venv/bin/pytest benchmarks/test_shop_e2e.py --benchmark-only -s``. Sizes can be set with
 ``SHOP_BENCH_ORDERS`` (sustained run, default 6000) and ``SHOP_BENCH_POINT_S`` (seconds per load
 point, default 8). :func:`run_e2e` is the whole run; ``tests/shop/integration/test_bench_smoke.py``
@@ -39,6 +45,16 @@ import uvloop
 import yaml
 from rich.console import Console
 
+from benchmarks.shop_http import (
+    HttpRun,
+    new_run,
+    run_wrk,
+    seed_stock,
+    summarise,
+    wait_ended,
+    wrk_binary,
+    wrk_version,
+)
 from engine.config import Config, load_config
 from engine.embedded import EmbeddedServer
 from engine.process import EngineProcess
@@ -47,6 +63,7 @@ from handlers import SHOP_YAML
 from handlers.database import DATABASE_URL_ENV, EmbeddedPostgres, provision
 from handlers.gateway import GATEWAY_URL_ENV
 from handlers.gateway.process import GatewayProcess
+from handlers.tools.api_process import ApiProcess
 from handlers.tools.load import ShopLoad, Summary
 from handlers.tools.orders import Plan
 
@@ -55,6 +72,9 @@ RESULTS = REPO / "benchmarks" / "results"
 SUSTAINED_ORDERS = int(os.environ.get("SHOP_BENCH_ORDERS", "6000"))
 POINT_S = float(os.environ.get("SHOP_BENCH_POINT_S", "8"))
 FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
+HTTP_RATES = (140.0, 280.0)  # the event path's half-load and sustained rates (shop_e2e.md, 2026-11-29)
+HTTP_S = float(os.environ.get("SHOP_BENCH_HTTP_S", "30"))
+HTTP_CONNECTIONS = 16
 
 
 @dataclass(frozen=True)
@@ -252,3 +272,49 @@ def test_shop_end_to_end(benchmark: Any) -> None:
     console.print(f"backlog drain {drain.orders_per_s:.0f} orders/s; sustained {sustained.steady_per_s:.0f} "
                   f"orders/s; at half of it ({half.offered_per_s:g}/s): p50 {half.p50_ms:.0f} ms, "
                   f"p99 {half.p99_ms:.0f} ms; plot: {RESULTS / 'shop_e2e.png'}")
+
+
+def run_http_e2e(results: Path, console: Console, rates: tuple[float, ...] = HTTP_RATES, duration_s: float = HTTP_S,
+                 connections: int = HTTP_CONNECTIONS) -> list[HttpRun]:
+    """The shop and its order API on a fresh broker and database, wrk at each of ``rates`` for ``duration_s``;
+    write ``shop_e2e_http.json`` into ``results``."""
+    binary = wrk_binary()
+    tool = wrk_version(binary)
+    runs: list[HttpRun] = []
+    load_before = os.getloadavg()
+    with workdir() as tmp, shop(tmp) as cfg:
+        api = ApiProcess(Path(cfg.source), str(cfg.nats.url), tmp / "api.log", tied=True).start()
+        try:
+            # Warm-up, not reported: the API's and the workers' first connections, pools and KV keys.
+            run, customer = new_run()
+            uvloop.run(seed_stock(cfg, run))
+            run_wrk(binary, api.url, tmp, run, customer, rates[0], 3, connections)
+            uvloop.run(wait_ended(os.environ[DATABASE_URL_ENV], customer))
+            for rate in rates:
+                run, customer = new_run()
+                uvloop.run(seed_stock(cfg, run))
+                command, numbers = run_wrk(binary, api.url, tmp, run, customer, rate, duration_s, connections)
+                result = uvloop.run(summarise(os.environ[DATABASE_URL_ENV], customer, tool, command, rate,
+                                              duration_s, connections, numbers))
+                console.print(f"{tool} at {rate:g}/s: {result.requests} POSTs ({result.posts_per_s:.0f}/s, "
+                              f"p99 {result.post_p99_ms:.1f} ms), {result.ended} of {result.orders} orders ended, "
+                              f"{result.orders_per_s:.0f} orders/s, placed → ended p50 {result.p50_ms:.0f} ms "
+                              f"p99 {result.p99_ms:.0f} ms")
+                runs.append(result)
+        finally:
+            api.stop()
+    results.mkdir(parents=True, exist_ok=True)
+    report = {"runs": [asdict(r) for r in runs], "cpus": len(os.sched_getaffinity(0)),
+              "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    (results / "shop_e2e_http.json").write_text(json.dumps(report, indent=2))
+    return runs
+
+
+@pytest.mark.timeout(900)
+def test_shop_end_to_end_over_http(benchmark: Any) -> None:
+    runs = benchmark.pedantic(lambda: run_http_e2e(RESULTS, Console(width=160)), rounds=1, iterations=1)
+    for run in runs:
+        assert run.non_2xx == 0 and run.orders >= run.requests, run  # POSTs still in flight when wrk stopped count too
+        assert run.ended == run.orders and run.double_charges == 0, run
+        benchmark.extra_info[f"http_{run.offered_per_s:g}_orders_per_s"] = round(run.orders_per_s, 1)
+        benchmark.extra_info[f"http_{run.offered_per_s:g}_p99_ms"] = round(run.p99_ms, 1)
