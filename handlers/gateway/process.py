@@ -9,28 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Mapping, MutableMapping
 from pathlib import Path
-from typing import Self
 
-from engine.errors import JetpoolError
-from engine.lifeline import die_with_parent
 from handlers.database import DATABASE_URL_ENV, database_url
 from handlers.gateway.client import GATEWAY_URL_ENV
+from handlers.service_process import ServiceProcess
 
 
-class GatewayStartError(JetpoolError):
-    """The gateway process exited or did not become ready."""
-
-
-class GatewayProcess:
+class GatewayProcess(ServiceProcess):
     """One ``python -m handlers.gateway`` on 127.0.0.1 at a free port.
 
     Args:
@@ -43,62 +31,14 @@ class GatewayProcess:
 
     def __init__(self, dsn: str, config: Path | None = None, log_path: Path | None = None, *,
                  env: Mapping[str, str] | None = None, tied: bool = False) -> None:
+        super().__init__("the payment gateway", log_path, {**(os.environ if env is None else env),
+                                                           DATABASE_URL_ENV: dsn}, tied)
         self.dsn = dsn
         self.config = config
-        self.log_path = log_path
-        self.env = {**(os.environ if env is None else env), DATABASE_URL_ENV: dsn}
-        self.tied = tied
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
 
-    def start(self, ready_timeout_s: float = 30.0) -> Self:
-        """Start it and wait until ``/ready`` answers 200."""
-        port = _free_port()
+    def command(self, port: int) -> list[str]:
         args = [sys.executable, "-m", "handlers.gateway", "--port", str(port), "--log-level", "info"]
-        if self.config is not None:
-            args += ["-c", str(self.config)]
-        preexec = die_with_parent(signal.SIGTERM) if self.tied else None
-        with open(self.log_path or os.devnull, "ab") as out:
-            self.proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=out, start_new_session=True,
-                                         preexec_fn=preexec)
-        self.url = f"http://127.0.0.1:{port}"
-        try:
-            self._wait_ready(ready_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM by PID, then SIGKILL."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            proc.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=timeout_s)
-                return
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise GatewayStartError(f"the payment gateway exited with code {self.proc.returncode}"
-                                     + (f" (see {self.log_path})" if self.log_path else ""))
-            with (contextlib.suppress(urllib.error.URLError, OSError),
-                  urllib.request.urlopen(f"{self.url}/ready", timeout=1) as response):
-                if response.status == 200:
-                    return
-            time.sleep(0.05)
-        raise GatewayStartError(f"the payment gateway at {self.url} was not ready within {timeout_s}s")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        return args + (["-c", str(self.config)] if self.config is not None else [])
 
 
 @contextlib.asynccontextmanager
