@@ -20,54 +20,26 @@ three steps, each safe to repeat:
    the winning one.
 
 A redelivered event whose reservation exists skips straight to settle, so a crash at any point
-leaves no stock taken twice. Within one process, changes to the same sku take turns on a lock, so
-the compare-and-set retries only compete with other processes; a sku's lock exists only while a
-change to it is running or waiting, so a stream of distinct skus leaves nothing behind.
+leaves no stock taken twice. Within one process, the changes to one sku are merged
+(:mod:`engine.merge`): the claims and settles of every order waiting on it go into one
+compare-and-set, so a busy sku costs a write per round, not two per order, and the compare-and-set
+retries only compete with other processes.
+
+An order costs, on its first delivery: the claim and the settle (shared with the sku's other orders
+of that round; an order out of stock has nothing to settle) and the decision's creation.
 """
 
 from __future__ import annotations
 
-import asyncio
-import weakref
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from collections.abc import Callable
 
 from engine import Context, Event
 from engine.events import new_id
+from engine.merge import merged
 from engine.state import Conflict, StateStore, Value
 from handlers.saga import OUT_OF_STOCK, STOCK_RESERVED, Order
 
 RESERVED, OUT = "reserved", "out_of_stock"
-
-
-class KeyedLocks:
-    """One ``asyncio.Lock`` per key, kept only while a task holds it or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._users: dict[str, int] = {}  # holders and waiters of each key's lock
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        """Hold ``key``'s lock for the ``async with`` block."""
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._users[key] = self._users.get(key, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            # Dropped only when no task holds or waits for it, so a later task's new lock can never
-            # run beside the old one.
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._locks[key], self._users[key]
-
-
-_locks: weakref.WeakKeyDictionary[Any, KeyedLocks] = weakref.WeakKeyDictionary()
 
 
 def sku_key(sku: str) -> str:
@@ -82,11 +54,17 @@ async def reserve(event: Event, ctx: Context) -> Event:
     """PaymentAuthorized → StockReserved | OutOfStock."""
     order = Order.from_event(event)
     stock = ctx.state("stock")
-    record, _ = await stock.get(reservation_key(order.order_id))
+    first = ctx.attempt == 1
+    # A first delivery goes straight to the claim: a duplicate of a decided order (a re-publish that
+    # JetStream did not deduplicate) loses the decision's creation and gives its claim back, so the
+    # read that would have spared it that is only worth it where earlier attempts may have run.
+    record = None if first else (await stock.get(reservation_key(order.order_id)))[0]
+    token = ""
     if record is None:
         token = await _claim(stock, order)
         record = await _decide(stock, order, token)
-    await _settle(stock, order, record)
+    if token or not first:  # only a claim (this one, or an earlier attempt's) leaves a note to settle
+        await _settle(stock, order, record)
     if record["status"] == RESERVED:
         return order.event(STOCK_RESERVED)
     return order.event(OUT_OF_STOCK)
@@ -126,8 +104,7 @@ async def _claim(stock: StateStore, order: Order) -> str:
         return {**current, "available": current["available"] - order.qty,
                 "reserved": current["reserved"] + order.qty, "pending": pending}
 
-    async with _lock(stock, order.sku):
-        await stock.mutate(sku_key(order.sku), take)
+    await merged(stock).mutate(sku_key(order.sku), take)
     return claimed
 
 
@@ -155,10 +132,4 @@ async def _settle(stock: StateStore, order: Order, record: Value) -> None:
         return {**current, "available": current["available"] + held["qty"],
                 "reserved": current["reserved"] - held["qty"], "pending": pending}
 
-    async with _lock(stock, order.sku):
-        await stock.mutate(sku_key(order.sku), settle)
-
-
-def _lock(stock: StateStore, sku: str) -> AbstractAsyncContextManager[None]:
-    """The sku's lock in this store, as an async context manager."""
-    return _locks.setdefault(stock, KeyedLocks()).hold(sku)
+    await merged(stock).mutate(sku_key(order.sku), settle)

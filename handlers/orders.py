@@ -1,27 +1,25 @@
-"""Orders: the order's state machine, ``placed → paid → confirmed | cancelled``, in the ``orders`` bucket.
+"""Orders: end each order exactly once, as ``confirmed`` or ``cancelled``, in the ``orders`` bucket.
 
-Events may reach this service in any order (OrderPlaced can be retried while the payment is
-already through), so a transition only ever moves *forward* and every event carries the order line
-needed to create the record. The record remembers the ids of the events it applied and which event
-made it terminal, so a redelivered or duplicated event changes nothing and gets the same answer:
-the event that confirmed or cancelled the order gets its OrderConfirmed / OrderCancelled again
-(same output id, which JetStream deduplicates), any other gets nothing.
+The service follows only the three events that can end an order (StockReserved, PaymentDeclined,
+PaymentRefunded). The stages before that are already recorded where they happen — the API's request
+record (``placed``), the payment record (``paid``) — and :func:`status` reads them from there, so the
+order's own record is written once, when it ends, with a single create: a compare-and-set that only
+one writer can win. Every event carries the order line, so the record needs no earlier event.
+
+The record says which event ended the order. That event, redelivered or duplicated, gets its
+OrderConfirmed / OrderCancelled again (same output id, which JetStream deduplicates); any other
+terminal event for an ended order gets nothing, and is logged, since the saga never produces one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import structlog
 
-from engine import Context, Event
-from engine.state import Value
+from engine import Context, Event, Reject
+from engine.state import Conflict, StateStore, Value
 from handlers.saga import (
     ORDER_CANCELLED,
     ORDER_CONFIRMED,
-    ORDER_PLACED,
-    PAYMENT_AUTHORIZED,
     PAYMENT_DECLINED,
     PAYMENT_REFUNDED,
     STOCK_RESERVED,
@@ -31,12 +29,9 @@ from handlers.saga import (
 log = structlog.get_logger("shop.orders")
 
 PLACED, PAID, CONFIRMED, CANCELLED = "placed", "paid", "confirmed", "cancelled"
-_RANK = {PLACED: 0, PAID: 1, CONFIRMED: 2, CANCELLED: 2}
 
-# event type -> (the status it moves the order to, the event a terminal move emits)
-TRANSITIONS: dict[str, tuple[str, str | None]] = {
-    ORDER_PLACED: (PLACED, None),
-    PAYMENT_AUTHORIZED: (PAID, None),
+# event type -> (the status it ends the order with, the event that says so)
+ENDINGS: dict[str, tuple[str, str]] = {
     STOCK_RESERVED: (CONFIRMED, ORDER_CONFIRMED),
     PAYMENT_DECLINED: (CANCELLED, ORDER_CANCELLED),
     PAYMENT_REFUNDED: (CANCELLED, ORDER_CANCELLED),
@@ -44,41 +39,53 @@ TRANSITIONS: dict[str, tuple[str, str | None]] = {
 
 
 async def on_event(event: Event, ctx: Context) -> Event | None:
-    """Apply any saga event to its order; return OrderConfirmed / OrderCancelled on a terminal move."""
+    """End the order on its first terminal event; return OrderConfirmed / OrderCancelled for that event."""
+    if event.type not in ENDINGS:
+        raise Reject(f"orders handles {', '.join(ENDINGS)}, not {event.type}: check the service's routes")
     order = Order.from_event(event)
-    record = await ctx.state("orders").mutate(order.order_id, _transition(event, order))
-    if record is None:
-        return None
+    record = await _end_once(ctx.state("orders"), order.order_id, ending(event, order))
     terminal = record["terminal"]
-    if terminal is not None and terminal["by"] == event.id:
+    if terminal["by"] == event.id:
         return order.event(terminal["type"], reason=terminal["reason"])
-    if TRANSITIONS[event.type][1] is not None:
-        # A second terminal event for one order: the saga never produces it, so say so.
-        log.warning("order.late_event", order_id=order.order_id, event_type=event.type, status=record["status"])
+    log.warning("order.late_event", order_id=order.order_id, event_type=event.type, status=record["status"],
+                ended_by=terminal["by"])
     return None
 
 
-def apply(record: Value | None, event: Event, order: Order) -> Value | None:
-    """The next record for ``event``, or None when the record already reflects it.
+def ending(event: Event, order: Order) -> Value:
+    """The record of ``order`` ended by ``event`` (one of :data:`ENDINGS`)."""
+    status, emits = ENDINGS[event.type]
+    return {"status": status, "order": order.data(),
+            "terminal": {"by": event.id, "type": emits, "reason": _reason(event)}}
 
-    Pure (the compare-and-set loop may call it several times): never mutates ``record``.
+
+def status(record: Value | None, payment: Value | None, placed: bool) -> str | None:
+    """The order's status from its records: ended (``record``), ``paid``, ``placed``, or None if unknown."""
+    if record is not None:
+        return str(record["status"])
+    if payment is not None and payment.get("status") in ("authorized", "refunded"):
+        return PAID
+    return PLACED if placed or payment is not None else None
+
+
+async def _end_once(store: StateStore, order_id: str, record: Value) -> Value:
+    """Create the record unless the order already ended; return the record that stands.
+
+    The common case is one request (the create). An ended record is never changed, so the one that
+    exists is final. A record without an ending (written by a version that also recorded earlier
+    stages) is ended here by compare-and-set.
     """
-    target, emits = TRANSITIONS[event.type]
-    if record is None:
-        record = {"status": PLACED, "order": order.data(), "applied": [], "terminal": None}
-    elif event.id in record["applied"]:
-        return None
-    status = record["status"]
-    new: dict[str, Any] = {**record, "applied": [*record["applied"], event.id]}
-    if _RANK[target] > _RANK[status]:
-        new["status"] = target
-        if emits is not None:
-            new["terminal"] = {"by": event.id, "type": emits, "reason": _reason(event)}
-    return new
+    try:
+        await store.create(order_id, record)
+        return record
+    except Conflict:
+        pass
 
+    def end(current: Value | None) -> Value | None:
+        return record if current is None or current.get("terminal") is None else None
 
-def _transition(event: Event, order: Order) -> Callable[[Value | None], Value | None]:
-    return lambda record: apply(record, event, order)
+    stands = await store.mutate(order_id, end)
+    return stands if stands is not None else record
 
 
 def _reason(event: Event) -> str:

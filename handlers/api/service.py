@@ -36,7 +36,7 @@ from engine.events import Event, now_iso, trace_id_of
 from engine.publisher import Publisher
 from engine.state import Conflict, KVState, StateStore
 from handlers.api.orders_input import ApiError, OrderLine, derived_ids
-from handlers.orders import CANCELLED, CONFIRMED, PLACED
+from handlers.orders import CANCELLED, CONFIRMED, status
 from handlers.saga import ORDER_PLACED
 
 log = structlog.get_logger("jetpool.shop.api")
@@ -137,12 +137,13 @@ class OrderDesk:
         """The order as the API shows it, or None for an order nobody placed."""
         orders = await self.store("orders")
         record, _ = await orders.get(order_id)
+        payment, _ = await (await self.store("payments")).get(order_id)
         if record is None:
             request, _ = await orders.get(request_key(order_id))
             if request is None:
                 return None
-            record = {"status": PLACED, "order": request["event"]["data"], "terminal": None}
-        payment, _ = await (await self.store("payments")).get(order_id)
+            record = {"status": status(None, payment, placed=True), "order": request["event"]["data"],
+                      "terminal": None}
         reservation, _ = await (await self.store("stock")).get(f"reservation.{order_id}")
         return view(order_id, record, payment, reservation)
 
