@@ -83,7 +83,7 @@ async def provision(js: Any, config: Config, services: Iterable[str] | None = No
     await _ensure(js, failures_stream_config(failures_bucket(config)), keep_storage=True)
     await open_buckets(js, config.state, create=True)
     for name, bucket in config.state.items():
-        await _limit_bucket(js, name, bucket.max_bytes)
+        await _tune_bucket(js, name, bucket.max_bytes)
     for warning in store_warnings(config):
         log.warning("store.may_fill", **warning)
     wanted = list(services if services is not None else config.services)
@@ -121,12 +121,14 @@ async def _ensure(js: Any, wanted: api.StreamConfig, keep_storage: bool = False)
         raise BrokerError(f"cannot update stream {wanted.name!r}: {exc}") from exc
 
 
-async def _limit_bucket(js: Any, name: str, max_bytes: int | None) -> None:
-    """Give a state bucket's stream the configured size limit (a KV bucket is created without one)."""
+async def _tune_bucket(js: Any, name: str, max_bytes: int | None) -> None:
+    """Give a state bucket's stream the configured size limit (a KV bucket is created without one), and
+    direct gets (workers read by them, engine/kv.py; buckets created before jetpool did are updated)."""
     info = await js.stream_info(f"KV_{name}")
     wanted = max_bytes or -1
-    if (info.config.max_bytes or -1) != wanted:
+    if (info.config.max_bytes or -1) != wanted or not info.config.allow_direct:
         info.config.max_bytes = wanted
+        info.config.allow_direct = True
         await js.update_stream(info.config)
 
 

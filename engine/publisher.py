@@ -14,6 +14,10 @@ broker restarted, the node died), a 503 for a subject a configured stream captur
 election in a cluster), or a PubAck error with code 503. Spending delivery attempts of the input on
 an election would dead-letter good events. Only after the budget, or on a permanent error (the
 stream refused the message, no stream captures the subject), does the waiter hear of a failure.
+
+:meth:`Publisher.store` is the awaitable form for writes that need their stream sequence (the fast
+state path's compare-and-set writes, engine/kv.py): it returns the PubAck's ``seq`` and raises
+:class:`Refused` (with the server's ``err_code`` and the number of attempts) when the stream said no.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ _RETRY_MAX_S = 2.0
 class _Pending:
     """One publish awaiting its PubAck, with what it takes to send it again."""
 
-    __slots__ = ("deadline", "first_sent", "headers", "payload", "subject", "tries", "waiter")
+    __slots__ = ("ack", "deadline", "first_sent", "headers", "payload", "subject", "tries", "waiter")
 
     def __init__(self, waiter: Waiter, subject: str, payload: bytes, headers: dict[str, str] | None,
                  now: float, deadline: float) -> None:
@@ -51,6 +55,19 @@ class _Pending:
         self.first_sent = now
         self.deadline = deadline
         self.tries = 1
+        self.ack = b""  # the PubAck's body, once it came
+
+
+class Refused(PublishError):
+    """The stream answered a publish with an error: not stored. ``err_code`` is JetStream's (10071: wrong
+    last sequence); ``attempts`` is how many times it was sent (more than 1: an earlier attempt's PubAck
+    was lost or transient, so that attempt may have been stored)."""
+
+    def __init__(self, text: str, code: int | None, err_code: int | None) -> None:
+        super().__init__(text)
+        self.code = code
+        self.err_code = err_code
+        self.attempts = 1
 
 
 class _Transient(Exception):
@@ -80,6 +97,26 @@ class FutureWaiter:
                 self.future.set_exception(self.error)
             else:
                 self.future.set_result(None)
+
+
+class _StoreWaiter:
+    """Waits for one publish's PubAck; its entry keeps the PubAck's body and the number of attempts."""
+
+    __slots__ = ("entry", "future")
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.entry: _Pending | None = None
+
+    async def on_puback(self, error: Exception | None) -> None:
+        if self.future.done():
+            return
+        if error is None:
+            self.future.set_result(None)
+            return
+        if isinstance(error, Refused) and self.entry is not None:
+            error.attempts = self.entry.tries
+        self.future.set_exception(error)
 
 
 class Publisher:
@@ -120,6 +157,11 @@ class Publisher:
     def max_payload(self) -> int:
         """The largest message (body and headers) the connection's server accepts."""
         return self._out.max_payload
+
+    def capture(self, pattern: str) -> None:
+        """Count ``pattern``'s subjects as captured by a stream (a 503 for them is an election, retried)."""
+        if self._captured is not None and pattern not in self._captured:
+            self._captured.append(pattern)
 
     def subject_for(self, event_type: str) -> str:
         return self._prefix + event_type
@@ -188,6 +230,22 @@ class Publisher:
         await self.send(subject, payload, headers, waiter)
         await waiter.future
 
+    async def store(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish one message, wait until it is stored and return its stream sequence.
+
+        Transient failures are retried as for every publish. Raises :class:`Refused` when the stream
+        said no (with how many attempts were sent), :class:`PublishError` or its subclasses otherwise.
+        """
+        waiter = _StoreWaiter()
+        now = self._loop.time()
+        entry = waiter.entry = _Pending(waiter, subject, payload, headers, now, now + self._timeout_s)
+        await self._send(entry)
+        await waiter.future
+        try:
+            return int(orjson.loads(entry.ack)["seq"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise PublishError(f"PubAck without a sequence: {entry.ack[:200]!r}") from None
+
     async def _on_puback(self, msg: Any) -> None:
         entry = self._pending.pop(msg.subject, None)
         if entry is None:
@@ -196,6 +254,7 @@ class Publisher:
         if isinstance(error, _Transient):
             self._retry_or_fail(entry, PublishError(str(error)))
         else:
+            entry.ack = msg.data
             await entry.waiter.on_puback(error)
 
     def _retry_or_fail(self, entry: _Pending, error: Exception) -> None:
@@ -257,5 +316,5 @@ def _puback_error(msg: Any, subject: str, captured: Sequence[str] | None) -> Exc
         text = f"{error.get('description')} (code {error.get('code')}, err_code {error.get('err_code')})"
         if error.get("code") == 503:
             return _Transient(f"JetStream temporarily unavailable: {text}")
-        return PublishError(f"stream refused the message: {text}")
+        return Refused(f"stream refused the message: {text}", error.get("code"), error.get("err_code"))
     return None

@@ -5,12 +5,18 @@ shared by every worker and replica and survives restarts. Concurrent writers are
 compare-and-set on the key's revision: :meth:`StateStore.mutate` reads, applies a pure function and
 writes back only if nobody wrote in between, retrying on conflict. :class:`MemoryState` has the same
 semantics in memory, for unit tests of handlers.
+
+Two stores over JetStream: :class:`KVState` over nats-py's ``KeyValue`` (a request per operation
+through nats-py's request plumbing), and :class:`engine.kv.FastKV`, what workers use, which reads by
+direct gets on one inbox and writes through the engine's windowed publisher. Both keep the revision
+cache of :class:`RevisionCache`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -48,19 +54,26 @@ class StateStore(Protocol):
         """Write unconditionally (last writer wins)."""
         ...
 
-    async def mutate(self, key: str, fn: Mutation, attempts: int = 50) -> Value | None:
-        """Read-modify-write with compare-and-set, retried on conflict. ``fn`` returning None writes nothing."""
+    async def mutate(self, key: str, fn: Mutation, attempts: int = 50, *, fresh: bool = False) -> Value | None:
+        """Read-modify-write with compare-and-set, retried on conflict. ``fn`` returning None writes nothing.
+
+        ``fresh``: the caller expects the key not to exist yet: try a create first instead of reading
+        (a wrong expectation costs one failed create, then the loop reads as usual).
+        """
         ...
 
 
 async def mutate_with_cas(store: StateStore, key: str, fn: Mutation, attempts: int = 50,
-                          known: tuple[Value | None, int] | None = None) -> Value | None:
+                          known: tuple[Value | None, int] | None = None, *, fresh: bool = False) -> Value | None:
     """The compare-and-set loop shared by every store.
 
     ``known`` is a (value, revision) the caller believes current (what it last wrote): the first
     attempt tries it without reading. Compare-and-set keeps that safe — a stale guess fails and the
-    loop reads — and a no-op answer from ``fn`` on a guess is confirmed on fresh data.
+    loop reads — and a no-op answer from ``fn`` on a guess is confirmed on fresh data. ``fresh``
+    without ``known`` guesses (None, 0): the key does not exist yet.
     """
+    if fresh and known is None:
+        known = (None, 0)
     for attempt in range(attempts):
         guessed = known is not None
         current, revision = known if known is not None else await store.get(key)
@@ -82,16 +95,14 @@ async def mutate_with_cas(store: StateStore, key: str, fn: Mutation, attempts: i
     raise Conflict(f"key {key!r}: still conflicting after {attempts} attempts")
 
 
-class KVState:
-    """A StateStore over a JetStream key-value bucket.
+class RevisionCache(ABC):
+    """A StateStore that remembers the last value and revision it read or wrote for up to ``remember`` keys.
 
-    It remembers the last value and revision it read or wrote for up to ``remember`` keys, so a
-    read-modify-write of a key this process touched last costs one request (the compare-and-set)
+    So a read-modify-write of a key this process touched last costs one request (the compare-and-set)
     instead of two; with many writers a stale guess just fails and is read again.
     """
 
-    def __init__(self, kv: Any, remember: int = 4096) -> None:
-        self._kv = kv
+    def __init__(self, remember: int = 4096) -> None:
         self._limit = remember
         self._known: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
 
@@ -100,6 +111,31 @@ class KVState:
         self._known.move_to_end(key)
         if len(self._known) > self._limit:
             self._known.popitem(last=False)
+
+    @abstractmethod
+    async def get(self, key: str) -> tuple[Value | None, int]: ...
+
+    @abstractmethod
+    async def create(self, key: str, value: Value) -> int: ...
+
+    @abstractmethod
+    async def update(self, key: str, value: Value, revision: int) -> int: ...
+
+    @abstractmethod
+    async def put(self, key: str, value: Value) -> int: ...
+
+    async def mutate(self, key: str, fn: Mutation, attempts: int = 50, *, fresh: bool = False) -> Value | None:
+        known = self._known.get(key)  # what this process last saw beats the caller's expectation
+        guess = (orjson.loads(known[0]), known[1]) if known is not None else None
+        return await mutate_with_cas(self, key, fn, attempts, known=guess, fresh=fresh)
+
+
+class KVState(RevisionCache):
+    """A StateStore over a nats-py ``KeyValue`` (one nats-py request per operation), with the revision cache."""
+
+    def __init__(self, kv: Any, remember: int = 4096) -> None:
+        super().__init__(remember)
+        self._kv = kv
 
     async def get(self, key: str) -> tuple[Value | None, int]:
         try:
@@ -138,11 +174,6 @@ class KVState:
         self._note(key, raw, revision)
         return revision
 
-    async def mutate(self, key: str, fn: Mutation, attempts: int = 50) -> Value | None:
-        known = self._known.get(key)
-        guess = (orjson.loads(known[0]), known[1]) if known is not None else None
-        return await mutate_with_cas(self, key, fn, attempts, known=guess)
-
 
 class MemoryState:
     """An in-memory StateStore with the same revision semantics, for unit tests."""
@@ -168,8 +199,8 @@ class MemoryState:
     async def put(self, key: str, value: Value) -> int:
         return self._write(key, value)
 
-    async def mutate(self, key: str, fn: Mutation, attempts: int = 50) -> Value | None:
-        return await mutate_with_cas(self, key, fn, attempts)
+    async def mutate(self, key: str, fn: Mutation, attempts: int = 50, *, fresh: bool = False) -> Value | None:
+        return await mutate_with_cas(self, key, fn, attempts, fresh=fresh)
 
     def _write(self, key: str, value: Value) -> int:
         self._revision += 1
@@ -177,8 +208,25 @@ class MemoryState:
         return self._revision
 
 
-async def open_buckets(js: Any, buckets: dict[str, Any], create: bool) -> dict[str, StateStore]:
-    """Open (and with ``create``, create) the configured buckets as state stores."""
+class FastStores(Protocol):
+    """Opens a bucket as a faster store than :class:`KVState` (engine.kv.KVClient, a worker's)."""
+
+    async def store(self, js: Any, bucket: str, kv: Any) -> StateStore: ...
+
+
+def key_value_config(name: str, cfg: Any) -> api.KeyValueConfig:
+    """How a configured bucket is created: with direct gets allowed (the fast state path reads by them)."""
+    return api.KeyValueConfig(bucket=name, history=cfg.history, direct=True, replicas=cfg.replicas,
+                              storage=api.StorageType.FILE if cfg.storage == "file" else api.StorageType.MEMORY)
+
+
+async def open_buckets(js: Any, buckets: dict[str, Any], create: bool,
+                       fast: FastStores | None = None) -> dict[str, StateStore]:
+    """Open (and with ``create``, create) the configured buckets as state stores.
+
+    Created buckets allow direct gets. With ``fast``, each bucket is opened as ``fast`` makes it;
+    otherwise as a :class:`KVState`.
+    """
     stores: dict[str, StateStore] = {}
     for name, cfg in buckets.items():
         try:
@@ -186,9 +234,6 @@ async def open_buckets(js: Any, buckets: dict[str, Any], create: bool) -> dict[s
         except BucketNotFoundError:
             if not create:
                 raise JetpoolError(f"state bucket {name!r} does not exist: run 'jetpool provision'") from None
-            kv = await js.create_key_value(api.KeyValueConfig(
-                bucket=name, history=cfg.history,
-                storage=api.StorageType.FILE if cfg.storage == "file" else api.StorageType.MEMORY,
-                replicas=cfg.replicas))
-        stores[name] = KVState(kv)
+            kv = await js.create_key_value(key_value_config(name, cfg))
+        stores[name] = await fast.store(js, name, kv) if fast is not None else KVState(kv)
     return stores

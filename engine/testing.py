@@ -72,6 +72,7 @@ from engine.dlq import Entry, read_entry
 from engine.embedded import EmbeddedServer
 from engine.errors import MalformedEvent
 from engine.events import Event
+from engine.kv import KVClient
 from engine.provision import provision
 from engine.publisher import Publisher
 from engine.state import StateStore, open_buckets
@@ -171,6 +172,7 @@ class _Service:
         self._buckets = buckets  # the name handlers use -> the app's own bucket
         self._nc: Any = None
         self._publisher: Publisher | None = None
+        self._state: KVClient | None = None
         self._advisories: AdvisoryWatcher | None = None
         self._consumer: Consumer | None = None
 
@@ -193,18 +195,21 @@ class _Service:
         dead_letters = await DeadLetters.open(cfg, self._publisher, nc.jetstream())
         self._advisories = AdvisoryWatcher(nc, cfg, service, dead_letters)
         await self._advisories.start()
-        resources = await self._resources(nc)
+        self._state = KVClient(nc, self._publisher, cfg.nats.publish_timeout_s, cfg.nats.publish_retry_s)
+        await self._state.start()
+        resources = await self._resources(nc, self._state)
         await router.run_setup(Context(service, 0, "", "", resources, cfg.services[service].settings))
         self._consumer = Consumer(nc, cfg, service, router, self._publisher, worker=0,
                                   resources=resources, dead_letters=dead_letters)
         await self._consumer.start()
         consumers.append(self._consumer)
 
-    async def _resources(self, nc: Any) -> dict[str, Any]:
+    async def _resources(self, nc: Any, state: KVClient) -> dict[str, Any]:
         cfg, svc = self._config, self._config.services[self._service]
         named = {bucket: name for name, bucket in self._buckets.items()}
         real = {bucket: named[bucket] for bucket in svc.state}  # the app's bucket -> the name handlers use
-        stores = await open_buckets(nc.jetstream(), {bucket: cfg.state[bucket] for bucket in real}, create=False)
+        stores = await open_buckets(nc.jetstream(), {bucket: cfg.state[bucket] for bucket in real}, create=False,
+                                    fast=state)
         breakers = build_breakers(dict(cfg.breakers), list(svc.breakers))
         resources: dict[str, Any] = {f"state:{real[bucket]}": store for bucket, store in stores.items()}
         resources.update((f"breaker:{name}", breaker) for name, breaker in breakers.items())
@@ -216,6 +221,8 @@ class _Service:
             await self._consumer.stop(drain_timeout_s)
         if self._advisories is not None:
             await self._advisories.stop()
+        if self._state is not None:
+            await self._state.stop()
         if self._publisher is not None:
             await self._publisher.stop()
         if self._nc is not None:

@@ -29,6 +29,7 @@ from engine.connection import connect
 from engine.consumer import Consumer
 from engine.deadletter import DeadLetters
 from engine.dispatch import Context, build_router
+from engine.kv import KVClient
 from engine.logs import configure_logging
 from engine.publisher import Publisher
 from engine.state import open_buckets
@@ -127,7 +128,9 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     captured.append(f"{cfg.dead_letter.subject_prefix}.>")
     publisher = Publisher(nc, cfg.subject_prefix, cfg.nats.publish_timeout_s, cfg.nats.publish_retry_s, captured)
     await publisher.start()
-    resources = await open_resources(nc, cfg, service)
+    state = KVClient(nc, publisher, cfg.nats.publish_timeout_s, cfg.nats.publish_retry_s)
+    await state.start()
+    resources = await open_resources(nc, cfg, service, state)
     await router.run_setup(Context(service, spec.index, "", "", resources, cfg.services[service].settings))
     dead_letters = await DeadLetters.open(cfg, publisher, nc.jetstream())
     advisories = AdvisoryWatcher(nc, cfg, service, dead_letters)
@@ -149,6 +152,7 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     log.info("worker.draining", in_flight=consumer.in_flight)
     await consumer.stop(cfg.services[service].drain_timeout_s)
     await advisories.stop()
+    await state.stop()
     await publisher.stop()
     shutdown_tracing()
     with contextlib.suppress(Exception):
@@ -163,11 +167,12 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     return 0
 
 
-async def open_resources(nc: Any, cfg: Config, service: str) -> dict[str, Any]:
-    """The per-worker objects the service's handlers reach through their context."""
+async def open_resources(nc: Any, cfg: Config, service: str, state: KVClient | None = None) -> dict[str, Any]:
+    """The per-worker objects the service's handlers reach through their context (stores on ``state``'s
+    fast path when given)."""
     svc = cfg.services[service]
     buckets = {name: cfg.state[name] for name in svc.state}
-    stores = await open_buckets(nc.jetstream(), buckets, create=False)
+    stores = await open_buckets(nc.jetstream(), buckets, create=False, fast=state)
     breakers = build_breakers(dict(cfg.breakers), list(svc.breakers))
     return {**{f"state:{n}": s for n, s in stores.items()}, **{f"breaker:{n}": b for n, b in breakers.items()}}
 

@@ -55,6 +55,11 @@ class Message:
             self._headers, self._raw = self._inbox.parse_headers(self._raw), None
         return self._headers
 
+    @property
+    def raw_headers(self) -> bytes | None:
+        """The header block as it came (``NATS/1.0...``); None when there was none or it was parsed already."""
+        return self._raw
+
     def header(self, name: str) -> str | None:
         """One header's value; without parsing anything when the raw block does not mention it."""
         if self._raw is not None:

@@ -40,7 +40,9 @@ _CONNECTED = 1  # nats.aio.client.Client.CONNECTED
 _HEADER_LINE = "NATS/1.0\r\n"
 _HEADER_BLOCK_BYTES = len(_HEADER_LINE) + 2  # the status line and the blank line that ends the block
 # Header names written as they are; any other name goes through nats-py, which validates it.
-_PLAIN_KEYS = frozenset({"Nats-Msg-Id", "traceparent", "tracestate"})
+_PLAIN_KEYS = frozenset({"Nats-Msg-Id", "traceparent", "tracestate",
+                         # the fast state path's compare-and-set writes (engine/kv.py)
+                         "Nats-Expected-Last-Subject-Sequence", "Jetpool-Write"})
 
 
 def _plain(value: str) -> bool:
