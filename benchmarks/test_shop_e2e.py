@@ -14,10 +14,17 @@ invariants (no order lost, no double charge, stock consistent, audit complete).
    (ended at >= 95 % of the offered rate).
 3. *Half load*: one more point at half the sustained rate — the latency the issue asks about.
 
+4. *CPU per order* (issue 16, :mod:`benchmarks.shop_cpu`): the backlog drain of 1. is measured from the
+   first order placed to the last ended, and one more point offers a steady ``SHOP_BENCH_CPU_RATE``
+   (default 300) orders/s: CPU ms per order of every process (nats-server, each service's workers, the
+   supervisor, the gateway, PostgreSQL, the load generator) and the per-order budget (deliveries, events
+   stored, KV writes, API requests, the server's messages; what the clients send by kind), from ``/proc``
+   and the server's monitoring port. ``python -m benchmarks.shop_cpu`` runs only this (:func:`run_cpu`).
+
 Writes ``benchmarks/results/shop_e2e.json`` and ``shop_e2e.png`` (throughput and p50/p99 latency
 against offered load).
 
-4. *Over HTTP* (:func:`run_http_e2e`, ``test_shop_end_to_end_over_http``): the same shop with its order API,
+5. *Over HTTP* (:func:`run_http_e2e`, ``test_shop_end_to_end_over_http``): the same shop with its order API,
    driven by ``wrk`` (Debian's; ``make bench-tools`` installs it) POSTing orders, each with its own
    ``Idempotency-Key``, paced at the event path's half-load and sustained rates for ``SHOP_BENCH_HTTP_S``
    seconds (default 30); orders/s and p50/p99 placed → ended read from the audit store
@@ -34,17 +41,18 @@ import functools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import uvloop
 import yaml
 from rich.console import Console
 
+from benchmarks.shop_cpu import CpuSizes, ShopTree, drain_window, report, run_info, steady_windows, with_probe
 from benchmarks.shop_http import (
     HttpRun,
     new_run,
@@ -56,7 +64,7 @@ from benchmarks.shop_http import (
     wrk_version,
 )
 from engine.config import Config, load_config
-from engine.embedded import EmbeddedServer
+from engine.embedded import EmbeddedServer, free_port
 from engine.process import EngineProcess
 from engine.runtime import provision_only
 from handlers import SHOP_YAML
@@ -75,6 +83,8 @@ FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
 HTTP_RATES = (140.0, 280.0)  # the event path's half-load and sustained rates (shop_e2e.md, 2026-11-29)
 HTTP_S = float(os.environ.get("SHOP_BENCH_HTTP_S", "30"))
 HTTP_CONNECTIONS = 16
+T = TypeVar("T")
+Measured = tuple[Summary, dict[str, Any] | None]  # a run and what the CPU probe found
 
 
 @dataclass(frozen=True)
@@ -86,22 +96,34 @@ class Sizes:
         point_s: seconds of orders at each offered-load point.
         warmup: orders of the warm-up run.
         min_point_orders: orders of a point at least.
+        cpu: the steady-rate CPU point (rate, warm-up, measured and sniff windows).
     """
 
     orders: int = SUSTAINED_ORDERS
     point_s: float = POINT_S
     warmup: int = 500
     min_point_orders: int = 200
+    cpu: CpuSizes = field(default_factory=CpuSizes)
 
 
 @dataclass(frozen=True)
 class Sweep:
-    """The runs of one benchmark: the backlog drain, the offered-load points, the best and half load."""
+    """The runs of one benchmark: the backlog drain, the offered-load points, the best and half load, and
+    the CPU per order (:func:`benchmarks.shop_cpu.report`'s input)."""
 
     drain: Summary
     points: list[Summary]
     sustained: Summary
     half: Summary
+    cpu: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Shop:
+    """A running shop: its config and its process tree (for :mod:`benchmarks.shop_cpu`)."""
+
+    cfg: Config
+    tree: ShopTree
 
 
 def shop_config(directory: Path, url: str) -> Path:
@@ -137,7 +159,15 @@ def shop(directory: Path) -> Iterator[Config]:
     ``directory`` must be reachable by an unprivileged user (as root PostgreSQL runs as one) and short
     (the server's socket lives in it).
     """
-    server = EmbeddedServer(store_dir=directory / "nats").start()
+    with running_shop(directory) as running:
+        yield running.cfg
+
+
+@contextmanager
+def running_shop(directory: Path) -> Iterator[Shop]:
+    """:func:`shop`, with its processes and the broker's monitoring port."""
+    monitor_port = free_port()
+    server = EmbeddedServer(store_dir=directory / "nats", extra_args=["-m", str(monitor_port)]).start()
     database = EmbeddedPostgres(directory / "postgres", die_with_parent=True)
     gateway: GatewayProcess | None = None
     engine: EngineProcess | None = None
@@ -153,8 +183,10 @@ def shop(directory: Path) -> Iterator[Config]:
         uvloop.run(provision_only(cfg))
         engine.start()
         engine.wait_workers(sum(s.workers for s in cfg.services.values()))
+        assert server.pid is not None and gateway.proc is not None
+        tree = ShopTree(cfg.app, server.pid, monitor_port, engine, gateway.proc.pid, database.pid)
         with exported(env):
-            yield cfg
+            yield Shop(cfg, tree)
     finally:
         try:
             if engine is not None:
@@ -180,6 +212,43 @@ def measure(cfg: Config, orders: int, rate: float, console: Console) -> Summary:
     assert load.summary is not None
     assert code == 0, "an invariant failed: see the output above"
     return load.summary
+
+
+def measure_cpu(running: Shop, orders: int, rate: float, console: Console,
+                probe: Callable[[ShopLoad, ShopTree], Coroutine[Any, Any, T]]) -> tuple[Summary, T | None]:
+    """:func:`measure` with ``probe`` reading the process tree beside the load (None: it did not finish)."""
+    load = ShopLoad(running.cfg, Plan(orders=orders, rate=rate, stall_s=30), console)
+    code, got = uvloop.run(with_probe(load, lambda run: probe(run, running.tree)))
+    assert load.summary is not None
+    assert code == 0, "an invariant failed: see the output above"
+    return load.summary, got
+
+
+def steady_cpu(running: Shop, sizes: CpuSizes, console: Console) -> Measured:
+    """The steady-rate CPU point: ``sizes.rate`` orders/s, CPU and budget windows after a warm-up."""
+    url = str(running.cfg.nats.url)
+    return measure_cpu(running, sizes.orders, sizes.rate, console,
+                       lambda load, tree: steady_windows(load, tree, url, sizes))
+
+
+def cpu_result(info: dict[str, Any], sizes: CpuSizes, steady: Measured, backlog: Measured | None) -> dict[str, Any]:
+    """The CPU point and the drain's CPU as one record (what :func:`benchmarks.shop_cpu.report` reads)."""
+    return {"run": info, "sizes": asdict(sizes), "steady": steady[1], "steady_summary": asdict(steady[0]),
+            "backlog": backlog[1] if backlog else None, "backlog_summary": asdict(backlog[0]) if backlog else None,
+            "load_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}}
+
+
+def run_cpu(console: Console, sizes: CpuSizes | None = None, drain_orders: int = SUSTAINED_ORDERS,
+            warmup: int = 500) -> dict[str, Any]:
+    """A fresh shop: warm-up, the backlog drain of ``drain_orders`` (0: none) and the steady point, with
+    CPU per order and the budget (``python -m benchmarks.shop_cpu``)."""
+    sizes = sizes or CpuSizes()
+    info = run_info(REPO)
+    with workdir() as tmp, running_shop(tmp) as running:
+        measure(running.cfg, warmup, 0, console)
+        drained = measure_cpu(running, drain_orders, 0, console, drain_window) if drain_orders else None
+        steady = steady_cpu(running, sizes, console)
+    return cpu_result(info, sizes, steady, drained)
 
 
 def plot(points: list[Summary], drain: Summary, sustained: Summary, half: Summary, path: Path) -> None:
@@ -230,7 +299,7 @@ def sustained_point(points: list[Summary]) -> Summary:
 
 
 def run_e2e(results: Path, console: Console, sizes: Sizes | None = None,
-            timed: Callable[[Callable[[], Summary]], Summary] | None = None) -> Sweep:
+            timed: Callable[[Callable[[], Measured]], Measured] | None = None) -> Sweep:
     """Drain, sweep, half load on a fresh shop; write ``shop_e2e.json`` and ``shop_e2e.png`` into ``results``.
 
     Args:
@@ -242,10 +311,13 @@ def run_e2e(results: Path, console: Console, sizes: Sizes | None = None,
     sizes = sizes or Sizes()
     results.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    with workdir() as tmp, shop(tmp) as cfg:
+    info = run_info(REPO)
+    with workdir() as tmp, running_shop(tmp) as running:
+        cfg = running.cfg
         measure(cfg, sizes.warmup, 0, console)  # warm-up: imports, connections, first KV keys
-        drain_run = functools.partial(measure, cfg, sizes.orders, 0, console)
-        drain = timed(drain_run) if timed is not None else drain_run()
+        drain_run = functools.partial(measure_cpu, running, sizes.orders, 0, console, drain_window)
+        drained = timed(drain_run) if timed is not None else drain_run()
+        drain = drained[0]
         points = []
         for fraction in FRACTIONS:
             rate = round(drain.orders_per_s * fraction)
@@ -253,12 +325,14 @@ def run_e2e(results: Path, console: Console, sizes: Sizes | None = None,
         sustained = sustained_point(points)
         half_rate = round(sustained.steady_per_s / 2)
         half = measure(cfg, max(sizes.min_point_orders, int(half_rate * sizes.point_s)), half_rate, console)
+        cpu = cpu_result(info, sizes.cpu, steady_cpu(running, sizes.cpu, console), drained)
     result = {"backlog_drain": asdict(drain), "sustained": asdict(sustained), "half_load": asdict(half),
-              "points": [asdict(p) for p in points], "cpus": len(os.sched_getaffinity(0)),
+              "points": [asdict(p) for p in points], "cpu": cpu, "cpus": len(os.sched_getaffinity(0)),
               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     (results / "shop_e2e.json").write_text(json.dumps(result, indent=2))
     plot(points, drain, sustained, half, results / "shop_e2e.png")
-    return Sweep(drain, points, sustained, half)
+    console.print(report(cpu), markup=False, highlight=False, soft_wrap=True)
+    return Sweep(drain, points, sustained, half, cpu)
 
 
 @pytest.mark.timeout(900)

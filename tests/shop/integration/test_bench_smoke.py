@@ -2,7 +2,9 @@
 
 Not a performance test (nothing here is timed against a limit): it keeps `make bench` from rotting.
 It runs :func:`benchmarks.test_shop_e2e.run_e2e`, the benchmark's own code path (a fresh nats-server
-and engine, the demo's load generator with its invariant checks at every point), with small sizes.
+and engine, the demo's load generator with its invariant checks at every point), with small sizes,
+the CPU per order and the per-order budget (:mod:`benchmarks.shop_cpu`) included: their fields are
+checked, never their values.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from typing import Any
 
 from rich.console import Console
 
+from benchmarks.shop_cpu import CpuSizes, kind_of, report
 from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_e2e, sustained_point
 from handlers.tools.load import Summary
 
 # Points long enough that the placing period yields a steady rate (Tracker.steady_rate needs >= 1 s).
-TINY = Sizes(orders=300, point_s=1.5, warmup=100, min_point_orders=100)
+TINY = Sizes(orders=300, point_s=1.5, warmup=100, min_point_orders=100,
+             cpu=CpuSizes(rate=100, warmup_s=1, window_s=2, sniff_s=1.5))
+SERVICES = {"orders", "payments", "inventory", "notifications", "audit"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -42,7 +47,7 @@ def test_the_shop_benchmark_sweeps_offered_load_and_writes_its_json_and_plot(tmp
     sweep = run_e2e(tmp_path, Console(file=out, width=160), TINY)
 
     result = json.loads((tmp_path / "shop_e2e.json").read_text())
-    assert set(result) == {"backlog_drain", "sustained", "half_load", "points", "cpus", "loadavg_before",
+    assert set(result) == {"backlog_drain", "sustained", "half_load", "points", "cpu", "cpus", "loadavg_before",
                            "loadavg_after"}
     drain, sustained, half = (_summary(result[k]) for k in ("backlog_drain", "sustained", "half_load"))
     points = [_summary(p) for p in result["points"]]
@@ -58,10 +63,50 @@ def test_the_shop_benchmark_sweeps_offered_load_and_writes_its_json_and_plot(tmp
     assert half.offered_per_s == round(sustained.steady_per_s / 2)
     assert result["cpus"] >= 1 and len(result["loadavg_before"]) == len(result["loadavg_after"]) == 3
     assert "invariants violated" not in out.getvalue()
+    _check_cpu(result["cpu"], drain)
+    assert result["cpu"] == sweep.cpu
+    assert report(sweep.cpu) in out.getvalue()  # the tables were printed
 
     png = (tmp_path / "shop_e2e.png").read_bytes()
     assert _png_size(png) == (770, 770)  # figsize 7x7 inches at 110 dpi
     assert png.endswith(b"IEND\xaeB`\x82")  # written to the end
+
+
+def _check_cpu(cpu: dict[str, Any], drain: Summary) -> None:
+    """The CPU point and the drain's CPU have every role and every budget field (values are not judged)."""
+    assert {"run", "sizes", "steady", "steady_summary", "backlog", "backlog_summary", "load_after"} <= cpu.keys()
+    assert cpu["sizes"]["rate"] == TINY.cpu.rate and _summary(cpu["backlog_summary"]) == drain
+    steady = _summary(cpu["steady_summary"])
+    assert steady.offered_per_s == TINY.cpu.rate and steady.ended == steady.orders == TINY.cpu.orders
+    assert cpu["run"]["commit"] and cpu["run"]["cpus"] >= 1 and len(cpu["run"]["load_before"]["loadavg"]) == 3
+    for got in (cpu["steady"], cpu["backlog"]):
+        roles = set(got["cpu_ms_per_order"])
+        assert {"nats_server", "supervisor", "gateway", "postgres", "load", "total"} | SERVICES <= roles, roles
+        assert set(got["cores"]) == roles and got["orders_ended"] > 0 and got["seconds"] > 0
+        assert all(ms >= 0 for ms in got["cpu_ms_per_order"].values())
+        b = got["budget"]
+        assert {"deliveries", "settled", "deliveries_by_consumer", "events_stored_on_shop", "kv_writes",
+                "kv_writes_by_bucket", "js_api_requests", "js_api_errors", "server", "client_msgs"} <= b.keys()
+        assert {f"SHOP/{s}" for s in SERVICES} <= b["deliveries_by_consumer"].keys()
+        assert {"orders", "payments", "stock"} <= b["kv_writes_by_bucket"].keys()
+        assert set(b["server"]) == {"in_msgs", "out_msgs", "in_bytes", "out_bytes"}
+        assert b["deliveries"] > 0 and b["events_stored_on_shop"] > 0 and b["server"]["in_msgs"] > 0
+    assert cpu["backlog"]["orders_ended"] == drain.orders
+    sniff = cpu["steady"]["sniff"]
+    assert sniff["orders_ended"] > 0 and {"ack", "pull"} <= sniff["per_order_by_kind"].keys()
+
+
+def test_sniffed_messages_are_told_apart_by_kind() -> None:
+    assert kind_of("$JS.ACK.SHOP.orders.1.2.3.4.5", b"", None) == "ack"
+    assert kind_of("$JS.ACK.SHOP.orders.1.2.3.4.5", b"-NAK {\"delay\": 1}", None) == "nak"
+    assert kind_of("$JS.ACK.SHOP.orders.1.2.3.4.5", b"+WPI", None) == "in_progress"
+    assert kind_of("$JS.ACK.SHOP.orders.1.2.3.4.5", b"+TERM", None) == "term"
+    assert kind_of("$JS.API.CONSUMER.MSG.NEXT.SHOP.orders", b"{}", None) == "pull"
+    assert kind_of("$JS.API.DIRECT.GET.KV_stock.$KV.stock.sku.a", b"", None) == "kv_read_direct.stock"
+    assert kind_of("$JS.API.STREAM.MSG.GET.KV_payments", b"{}", None) == "kv_read_api.payments"
+    assert kind_of("$JS.API.CONSUMER.INFO.SHOP.orders", b"", None) == "api.CONSUMER.INFO"
+    assert kind_of("$KV.stock.sku.a", b"{}", {"Nats-Expected-Last-Subject-Sequence": "3"}) == "kv_cas.stock"
+    assert kind_of("$KV.orders.o-1", b"{}", None) == "kv_put.orders"
 
 
 def test_sustained_is_the_fastest_point_that_kept_up() -> None:

@@ -1,0 +1,90 @@
+"""What the kernel and a nats-server's monitoring port say about a set of processes: shared by the benchmarks.
+
+:func:`read_counters` reads one process's CPU (utime + stime), wake-ups (voluntary context switches of all
+its threads) and read/write system calls from ``/proc``; :func:`monitor_json` reads a monitoring endpoint of
+an embedded nats-server started with ``-m PORT``; :func:`load` records how busy the (shared) machine is.
+Used by ``benchmarks/paced.py`` (CPU per event at a steady pace) and ``benchmarks/shop_cpu.py`` (CPU per
+order of the shop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Counters:
+    """What the kernel counted for a set of processes: CPU, wake-ups, read and write system calls."""
+
+    cpu_s: float = 0.0
+    wakeups: int = 0  # voluntary context switches: the process blocked (epoll, futex) and was woken
+    preempted: int = 0  # involuntary context switches
+    syscr: int = 0  # read-family system calls (read, readv, pread): a socket read each, here
+    syscw: int = 0  # write-family system calls (write, writev): one flush each
+    sys_s: float = 0.0  # the kernel's part of cpu_s (stime)
+
+    def __add__(self, o: Counters) -> Counters:
+        return Counters(self.cpu_s + o.cpu_s, self.wakeups + o.wakeups, self.preempted + o.preempted,
+                        self.syscr + o.syscr, self.syscw + o.syscw, self.sys_s + o.sys_s)
+
+    def __sub__(self, o: Counters) -> Counters:
+        return Counters(self.cpu_s - o.cpu_s, self.wakeups - o.wakeups, self.preempted - o.preempted,
+                        self.syscr - o.syscr, self.syscw - o.syscw, self.sys_s - o.sys_s)
+
+
+def read_counters(pid: int) -> Counters:
+    """One process's counters (all of its threads); zeros if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        cpu_s = (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14 and 15)
+        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        wakeups = preempted = 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        wakeups += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        preempted += int(line.split()[1])
+        return Counters(cpu_s, wakeups, preempted, int(io["syscr"]), int(io["syscw"]), int(fields[12]) / _CLK_TCK)
+    except (OSError, ValueError, KeyError):
+        return Counters()
+
+
+def read_groups(groups: dict[str, list[int]]) -> dict[str, Counters]:
+    """The counters of each group of processes, summed."""
+    return {role: sum((read_counters(pid) for pid in pids), Counters()) for role, pids in groups.items()}
+
+
+def monitor_json(port: int, path: str) -> dict[str, Any]:
+    """A monitoring endpoint of the embedded server on loopback, as JSON."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return dict(orjson.loads(response.read()))
+
+
+def load() -> dict[str, Any]:
+    """The machine's load and its busiest processes over one second (a shared VM is noisy)."""
+    procs = list(psutil.process_iter(["pid", "name"]))
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.cpu_percent(None)
+    time.sleep(1.0)
+    busy = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            busy.append((proc.cpu_percent(None), proc.info["name"], proc.info["pid"]))
+    top = [{"cpu_percent": round(p, 1), "name": name, "pid": pid} for p, name, pid in sorted(busy, reverse=True)[:6]
+           if p >= 1.0]
+    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "busiest": top}
