@@ -19,8 +19,12 @@ from typing import Any
 import nats
 import pytest
 
+from engine.config import BucketConfig
+from engine.errors import PublishTimeout
 from engine.events import MSG_ID_HEADER, Event
-from engine.state import KVState
+from engine.kv import FastKV, KVClient
+from engine.publisher import Publisher
+from engine.state import KVState, open_buckets
 from handlers.audit_store import SqliteAuditStore
 from handlers.inventory import seed
 from handlers.tools.api_process import ApiProcess
@@ -124,6 +128,37 @@ def test_the_order_api_runs_as_the_storefront(shop: Shop, engine: Callable[..., 
     assert state["payment"]["status"] == "authorized" and state["reservation"] == {"status": "reserved"}
     assert shop.violations()[refused_before:] == []
     assert "Violation" not in (tmp_path / "api.log").read_text(errors="replace")
+
+
+def test_a_service_user_reads_and_writes_its_bucket_on_the_fast_state_path(shop: Shop) -> None:
+    """A worker's stores (engine/kv.py): direct gets and compare-and-set publishes on its own bucket only."""
+
+    async def work(nc: Any, errors: list[str]) -> list[str]:
+        publisher = Publisher(nc, "shop")
+        await publisher.start()
+        client = KVClient(nc, publisher, timeout_s=2.0, retry_s=0.0)
+        await client.start()
+        try:
+            js = nc.jetstream()
+            stock = (await open_buckets(js, {"stock": BucketConfig()}, create=False, fast=client))["stock"]
+            assert isinstance(stock, FastKV) and stock.direct
+            key = f"lp-fast-{os.getpid()}"
+            assert await stock.get(key) == (None, 0)
+            revision = await stock.create(key, {"available": 3})
+            assert await stock.mutate(key, lambda v: {"available": (v or {})["available"] - 1}) == {"available": 2}
+            assert (await stock.get(key))[0] == {"available": 2} and revision > 0
+            assert await stock.mutate(f"{key}-new", lambda v: {"available": 1}, fresh=True) == {"available": 1}
+            # another service's bucket: refused by the server, the direct get never answered
+            orders = FastKV("orders", client.gets, publisher)
+            with pytest.raises(PublishTimeout):
+                await orders.get("anything")
+            return [await _wait_for_error(errors, 'Publish to "$JS.API.DIRECT.GET.KV_orders')]
+        finally:
+            await client.stop()
+            await publisher.stop()
+
+    refusals = as_user(shop, "inventory", work)
+    assert all("permissions violation" in r.lower() for r in refusals), refusals
 
 
 def test_the_admin_password_is_not_in_the_shipped_file() -> None:
