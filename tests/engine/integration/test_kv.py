@@ -13,6 +13,7 @@ from typing import Any
 
 import nats
 import pytest
+import yaml
 from nats.js import api
 
 from engine.config import BucketConfig
@@ -23,6 +24,7 @@ from engine.publisher import Publisher
 from engine.state import Conflict, KVState, Value, open_buckets
 from engine.transport import fence, inbox
 from engine.transport.outbox import Outbox
+from tests.support import App, run_cli
 
 
 class CountingGets(DirectGets):
@@ -250,3 +252,32 @@ def test_a_resent_write_is_unknown_when_the_key_moved_on(nats_server: EmbeddedSe
             await pending
 
     run(nats_server, scenario, lossy=True)
+
+
+def test_provision_allows_direct_gets_on_a_bucket_created_without(make_config: Callable[..., App],
+                                                                  private_server: EmbeddedServer) -> None:
+    """A bucket as nats-py creates it (no allow_direct) is given it by ``jetpool provision``, and keeps its data."""
+    app = make_config(url=private_server.url)
+    app.raw["state"] = {"legacy": {"storage": "memory"}}
+    app.path.write_text(yaml.safe_dump(app.raw, sort_keys=False))
+
+    async def old_bucket() -> bool:
+        nc = await nats.connect(app.url)
+        try:
+            kv = await nc.jetstream().create_key_value(api.KeyValueConfig(bucket="legacy",
+                                                                          storage=api.StorageType.MEMORY))
+            await kv.put("k", b'{"n": 1}')
+            return bool((await nc.jetstream().stream_info("KV_legacy")).config.allow_direct)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(old_bucket()) is False
+    result = run_cli(["provision", "-c", str(app.path)])
+    assert result.returncode == 0, result.stderr
+
+    async def scenario(nc: Any, bucket: str, fast: dict[str, Any]) -> None:
+        legacy = (await open_buckets(nc.jetstream(), {"legacy": BucketConfig()}, create=False,
+                                     fast=KVClient(nc, fast["publisher"])))["legacy"]
+        assert isinstance(legacy, FastKV) and legacy.direct
+
+    run(private_server, scenario)
