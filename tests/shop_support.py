@@ -64,8 +64,8 @@ class InterleavedState:
     async def put(self, key: str, value: Value) -> int:
         return await self.shared.put(key, value)
 
-    async def mutate(self, key: str, fn: Mutation, attempts: int = 50) -> Value | None:
-        return await mutate_with_cas(self, key, fn, attempts)
+    async def mutate(self, key: str, fn: Mutation, attempts: int = 50, *, fresh: bool = False) -> Value | None:
+        return await mutate_with_cas(self, key, fn, attempts, fresh=fresh)
 
 
 def breaker(fail_max: int = 5, reset_timeout_s: float = 30.0) -> Breaker:

@@ -40,9 +40,9 @@ def test_changes_made_at_once_are_all_applied_in_few_writes() -> None:
 
 
 class Slow(Counting):
-    async def mutate(self, key: str, fn: Any, attempts: int = 50) -> Value | None:
+    async def mutate(self, key: str, fn: Any, attempts: int = 50, *, fresh: bool = False) -> Value | None:
         await asyncio.sleep(0.01)  # a write in flight
-        return await super().mutate(key, fn, attempts)
+        return await super().mutate(key, fn, attempts, fresh=fresh)
 
 
 def test_changes_arriving_during_a_write_go_together_in_the_next_round() -> None:
@@ -94,7 +94,7 @@ def test_a_change_that_changes_nothing_writes_nothing() -> None:
 
 
 class FailingStore(MemoryState):
-    async def mutate(self, key: str, fn: Any, attempts: int = 50) -> Value | None:
+    async def mutate(self, key: str, fn: Any, attempts: int = 50, *, fresh: bool = False) -> Value | None:
         await asyncio.sleep(0)
         raise Conflict("still conflicting")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from engine import Event
 from engine.merge import merged
 from engine.state import MemoryState
 from handlers import inventory
@@ -24,10 +25,10 @@ class CountingState(MemoryState):
         return super()._write(key, value)
 
 
-def _reserve_all(store: MemoryState, events: list[object]) -> list[str]:
+def _reserve_all(store: MemoryState, events: list[Event]) -> list[str]:
     async def run() -> list[str]:
         ctx = context("inventory", {"state:stock": store})
-        return [out.type for out in await asyncio.gather(*(inventory.reserve(e, ctx) for e in events))]  # type: ignore[arg-type]
+        return [out.type for out in await asyncio.gather(*(inventory.reserve(e, ctx) for e in events))]
 
     return asyncio.run(run())
 
