@@ -88,6 +88,8 @@ class NatsConfig(_Frozen):
     # warns when what the config may store (every max_bytes) does not fit, or has no limit at all.
     max_file_store_bytes: PosInt | None = None
     max_memory_store_bytes: NonNegInt | None = None
+    # GOMAXPROCS of the embedded nats-server (no url): unset = half the CPUs (at least 1), 0 = Go's default.
+    embedded_go_max_procs: NonNegInt | None = None
 
 
 class StreamConfig(_Frozen):

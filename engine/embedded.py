@@ -63,6 +63,35 @@ def free_ports(count: int) -> list[int]:
         return [int(sock.getsockname()[1]) for sock in socks]
 
 
+def go_max_procs(configured: int | None) -> int:
+    """The GOMAXPROCS an embedded server gets (0: leave it to Go).
+
+    Go's default is one OS thread running Go code per CPU. A broker that shares a small machine with
+    the Python workers it serves then spends much of its time handing work between threads (futex
+    wake-ups, spinning) rather than doing it: on a 2-CPU machine, GOMAXPROCS=1 cut nats-server's CPU
+    per shop order by a fifth at a steady rate and by a third in a backlog, and the backlog drained
+    faster (benchmarks/results/shop_e2e.md). Half the CPUs keeps that on small machines and leaves
+    larger ones plenty.
+    """
+    if configured is not None:
+        return configured
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def server_env(configured: int | None) -> dict[str, str]:
+    """The environment of an embedded server: this one, with GOMAXPROCS as :func:`go_max_procs` says
+    (a GOMAXPROCS already in the environment wins over the default, not over a configured value)."""
+    env = dict(os.environ)
+    if configured is None and env.get("GOMAXPROCS"):
+        return env
+    procs = go_max_procs(configured)
+    if procs:
+        env["GOMAXPROCS"] = str(procs)
+    else:
+        env.pop("GOMAXPROCS", None)
+    return env
+
+
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.2)
@@ -80,6 +109,9 @@ class EmbeddedServer:
         config_file: optional nats-server configuration file (``-c``).
         die_with_parent: the server gets SIGTERM when the thread that spawned it ends, so a SIGKILLed
             parent leaves no broker behind; spawn from the main thread (see :mod:`engine.lifeline`).
+        go_max_procs: the server's ``GOMAXPROCS``. None: the environment's, else half the CPUs this
+            process may use (at least one), since the server shares the machine with the workers it
+            serves; 0: Go's default (all).
     """
 
     store_dir: Path
@@ -88,6 +120,7 @@ class EmbeddedServer:
     config_file: Path | None = None
     log_file: Path | None = None
     die_with_parent: bool = False
+    go_max_procs: int | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -124,7 +157,7 @@ class EmbeddedServer:
         with open(log_path, "ab") as log:
             # A new session: Ctrl-C in the user's terminal must reach the supervisor, which stops us last.
             self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True,
-                                            preexec_fn=preexec)
+                                            preexec_fn=preexec, env=server_env(self.go_max_procs))
 
     @property
     def log_path(self) -> Path:

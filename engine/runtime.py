@@ -54,7 +54,8 @@ async def broker(cfg: Config) -> AsyncIterator[Config]:
     if cfg.nats.url:
         yield cfg
         return
-    server = EmbeddedServer(store_dir=Path(cfg.nats.store_dir), die_with_parent=True)
+    server = EmbeddedServer(store_dir=Path(cfg.nats.store_dir), die_with_parent=True,
+                            go_max_procs=cfg.nats.embedded_go_max_procs)
     server.spawn()  # on the loop's (main) thread, which lives as long as the server should
     try:
         await asyncio.to_thread(server.wait_ready)

@@ -15,7 +15,7 @@ from tests.support import App, Engine, count, expected_pong_ids, pings, publish,
 def test_run_without_url_uses_an_embedded_broker(make_config: Callable[..., App], engine: Callable[..., Engine],
                                                  tmp_path: Path) -> None:
     store = tmp_path / "embedded-store"
-    app = make_config(nats_options={"url": None, "store_dir": str(store)})
+    app = make_config(nats_options={"url": None, "store_dir": str(store), "embedded_go_max_procs": 3})
     run = engine(app)
     started = run.records("embedded.started")
     assert len(started) == 1
@@ -23,6 +23,7 @@ def test_run_without_url_uses_an_embedded_broker(make_config: Callable[..., App]
     assert url.startswith("nats://127.0.0.1:")
     assert started[0]["store_dir"] == str(store)
     assert psutil.Process(broker_pid).ppid() == run.pid  # the supervisor's own child
+    assert psutil.Process(broker_pid).environ()["GOMAXPROCS"] == "3"  # nats.embedded_go_max_procs
 
     live = replace(app, url=url)
     sent = pings(50)
