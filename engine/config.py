@@ -163,6 +163,9 @@ class ServiceConfig(_Frozen):
     idle_heartbeat_s: PosFloat = 5.0
     pull_expires_s: PosFloat = 30.0
     pin_cpus: bool = True
+    # Milliseconds a mostly idle worker pauses between short awake windows so that events arriving at a
+    # steady pace are read and answered together (engine/linger.py); adds up to this much latency per hop.
+    linger_ms: Annotated[float, Field(ge=0, le=1000)] = 0.0
     replicas: PosInt = 1
     state: list[Name] = Field(default_factory=list)
     breakers: list[Name] = Field(default_factory=list)

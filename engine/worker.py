@@ -30,6 +30,7 @@ from engine.consumer import Consumer
 from engine.deadletter import DeadLetters
 from engine.dispatch import Context, build_router
 from engine.kv import KVClient
+from engine.linger import linger
 from engine.logs import configure_logging
 from engine.publisher import Publisher
 from engine.state import open_buckets
@@ -143,10 +144,13 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     gc.freeze()
     await consumer.start()
     consumers.append(consumer)
+    lingering = _start_linger(cfg.services[service].linger_ms)
     log.info("worker.started", cpu=spec.cpu)
     status[STARTED] = time.time()
     await _wait_for_stop(shutdown, local_stop, lost, consumer, nc, status)
     status[BEAT] = status[READY] = 0.0
+    if lingering is not None:  # a drain waits for answers: no pauses in it
+        lingering.cancel()
     if lost.is_set():
         return 1
     log.info("worker.draining", in_flight=consumer.in_flight)
@@ -165,6 +169,14 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
         await nc.close()
     log.info("worker.stopped")
     return 0
+
+
+def _start_linger(linger_ms: float) -> asyncio.Task[None] | None:
+    """The service's linger (engine/linger.py) as a task of this loop, or None when it is off."""
+    if not linger_ms:
+        return None
+    log.info("worker.linger", linger_ms=linger_ms)
+    return asyncio.get_running_loop().create_task(linger(linger_ms / 1000))
 
 
 async def open_resources(nc: Any, cfg: Config, service: str, state: KVClient | None = None) -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""Linger: a mostly idle worker lets events gather before it reads them, so it handles them together.
+
+When events arrive at a steady pace rather than as a backlog, each reaches a worker alone: one
+wake-up and one read for it, one write for its output, another wake-up for the PubAck, one more write
+for the ack — and as many wake-ups in the broker, which is paid per wake-up far more than per message
+(benchmarks/results/paced.md). The same events cost a fraction of that in a backlog, where one read
+carries hundreds. Kafka producers answer this with ``linger.ms``; here the worker itself lingers.
+
+With ``linger_ms`` set, a worker's loop alternates a short *awake* window, in which it handles
+whatever has arrived (deliveries, PubAcks, KV answers, HTTP responses), with a *linger*: a blocking
+sleep of ``linger_ms`` during which nothing is read, so what arrives meanwhile waits in the socket
+and is read, handled and answered in one go afterwards. Its outputs and acks leave in one write, so
+the broker, too, reads them together and delivers their consequences together.
+
+Only a mostly idle worker lingers: after an awake window in which the process was busy for more than
+half the time (a backlog, a burst), it goes on without a pause, so a backlog is never slowed. The
+price is latency: up to ``linger_ms`` per hop of an event's path (and per request a handler waits for),
+which is why it is off by default and set per service, within the app's latency budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+AWAKE_S = 0.001  # each awake window: long enough for a burst's chain of callbacks to finish
+BUSY = 0.5  # busy for more than this share of an awake window: no linger after it
+
+
+def should_linger(cpu_s: float, wall_s: float) -> bool:
+    """Whether a window in which the process used ``cpu_s`` of CPU over ``wall_s`` was mostly idle."""
+    return cpu_s < wall_s * BUSY
+
+
+async def linger(linger_s: float, awake_s: float = AWAKE_S) -> None:
+    """Alternate awake windows and lingers of ``linger_s`` for as long as the task runs (cancel to stop)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        cpu, wall = time.process_time(), loop.time()
+        await asyncio.sleep(awake_s)
+        if should_linger(time.process_time() - cpu, loop.time() - wall):
+            time.sleep(linger_s)  # blocking on purpose: the loop must not read the socket meanwhile

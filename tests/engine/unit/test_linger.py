@@ -1,0 +1,51 @@
+"""Linger: a mostly idle loop pauses between awake windows; a busy one never does."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+
+from engine.linger import linger, should_linger
+
+
+def test_only_a_mostly_idle_window_is_followed_by_a_linger() -> None:
+    assert should_linger(0.0001, 0.001)
+    assert not should_linger(0.0009, 0.001)  # a backlog or a burst: go on at once
+    assert not should_linger(0.004, 0.005)
+
+
+def _gaps(linger_s: float) -> list[float]:
+    """Time between ticks of a 1 ms timer chain, with a lingering task beside it."""
+    async def run() -> list[float]:
+        task = asyncio.get_running_loop().create_task(linger(linger_s))
+        ticks = [time.perf_counter()]
+        for _ in range(20):
+            await asyncio.sleep(0.001)
+            ticks.append(time.perf_counter())
+        task.cancel()
+        return [b - a for a, b in itertools.pairwise(ticks)]
+
+    return asyncio.run(run())
+
+
+def test_an_idle_loop_reads_nothing_while_it_lingers() -> None:
+    # The timer is due after 1 ms, but the loop only gets to it once a linger of 30 ms is over.
+    assert max(_gaps(0.03)) >= 0.03
+
+
+def test_a_busy_process_does_not_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(time, "process_time", time.perf_counter)  # every window looks fully busy
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    _gaps(0.2)
+    assert pauses == []
+
+
+def test_an_idle_process_lingers_after_each_awake_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    _gaps(0.2)
+    assert pauses and set(pauses) == {0.2}
