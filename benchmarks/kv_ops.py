@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where kv_ops.md and kv_ops.json go")
     args = parser.parse_args()
     load_before = [round(x, 2) for x in os.getloadavg()]
-    with tempfile.TemporaryDirectory(prefix="kv-bench-") as store_dir, EmbeddedServer(store_dir=Path(store_dir)) as server:
+    with (tempfile.TemporaryDirectory(prefix="kv-bench-") as store_dir,
+          EmbeddedServer(store_dir=Path(store_dir)) as server):
         assert server.pid is not None
         results = uvloop.run(run(server.url, server.pid, args))
     from importlib.metadata import version
