@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 POLL_S = 0.02
 
 
-def engine_config(url: str, workers: int, mode: Mode, pin_cpus: bool = True, pods: int = 1) -> dict[str, Any]:
+def engine_config(url: str, workers: int, mode: Mode, pin_cpus: bool = True, pods: int = 1,
+                  linger_ms: float = 0.0) -> dict[str, Any]:
     return {
         "app": "bench",
         "subject_prefix": "bench",
@@ -49,6 +50,7 @@ def engine_config(url: str, workers: int, mode: Mode, pin_cpus: bool = True, pod
             "ack_wait_s": ACK_WAIT_S,
             "pin_cpus": pin_cpus,
             "replicas": pods,
+            "linger_ms": linger_ms,
         }},
         "http": {"port": 0, "host": "127.0.0.1"},
         "log": {"level": "warning", "format": "json"},

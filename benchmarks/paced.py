@@ -385,6 +385,7 @@ class Settings:
     workers: int = WORKERS
     tick_s: float = TICK_S
     body_bytes: int = BODY_BYTES
+    linger_ms: float = 0.0  # the jetpool service's linger_ms (engine/linger.py)
 
 
 @dataclass
@@ -492,7 +493,8 @@ class JetpoolTree:
     def __init__(self, bench: Bench) -> None:
         self.bench = bench
         config = bench.workdir / "bench.yaml"
-        config.write_text(yaml.safe_dump(engine_config(bench.url, bench.settings.workers, "process")))
+        config.write_text(yaml.safe_dump(engine_config(bench.url, bench.settings.workers, "process",
+                                                       linger_ms=bench.settings.linger_ms)))
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         # info: EngineProcess waits for the workers' "worker.started" lines; nothing on the hot path logs at info.
         self.engine = EngineProcess(config, bench.workdir / "engine.log", env=env, nats_url=bench.url, cwd=REPO,
@@ -831,6 +833,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--diagnose-rate", type=int, default=None,
                         help="the rate with strace windows (default: the first rate; 0: none)")
     parser.add_argument("--strace-seconds", type=float, default=5.0, help="each strace window (default 5)")
+    parser.add_argument("--linger-ms", type=float, default=0.0,
+                        help="jetpool's linger_ms (engine/linger.py; default 0: off)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="where paced.md/json go")
     return parser.parse_args(argv)
 
@@ -841,7 +845,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not rates or min(rates) <= 0:
         raise SystemExit("--rates: expected positive integers, comma-separated")
     diagnose = rates[0] if args.diagnose_rate is None else args.diagnose_rate
-    settings = Settings(rates, args.seconds, args.warmup, args.idle, args.backlog, diagnose, args.strace_seconds)
+    settings = Settings(rates, args.seconds, args.warmup, args.idle, args.backlog, diagnose, args.strace_seconds,
+                        linger_ms=args.linger_ms)
     workdir = Path(tempfile.mkdtemp(prefix="jetpool-paced-"))
     try:
         res = asyncio.run(run(settings, workdir))
