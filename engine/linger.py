@@ -13,7 +13,8 @@ and is read, handled and answered in one go afterwards. Its outputs and acks lea
 the broker, too, reads them together and delivers their consequences together.
 
 Only a mostly idle worker lingers: after an awake window in which the process was busy for more than
-half the time (a backlog, a burst), it goes on without a pause, so a backlog is never slowed. The
+half the time (a backlog, a burst), it goes on without a pause, so a backlog is never slowed; and a
+worker with nothing at all to do stops lingering until work comes back, so idling costs nothing extra. The
 price is latency: up to ``linger_ms`` per hop of an event's path (and per request a handler waits for),
 which is why it is off by default and set per service, within the app's latency budget.
 """
@@ -25,6 +26,9 @@ import time
 
 AWAKE_S = 0.001  # each awake window: long enough for a burst's chain of callbacks to finish
 BUSY = 0.5  # busy for more than this share of an awake window: no linger after it
+IDLE = 0.05  # busy for less than this share: nothing arrived
+DORMANT_AFTER = 4  # empty windows in a row (about 20 ms at 4 ms) before lingering stops until work comes
+DORMANT_S = 0.05  # how often a dormant worker looks whether work came (it handles it at once regardless)
 
 
 def should_linger(cpu_s: float, wall_s: float) -> bool:
@@ -32,11 +36,25 @@ def should_linger(cpu_s: float, wall_s: float) -> bool:
     return cpu_s < wall_s * BUSY
 
 
+def idle(cpu_s: float, wall_s: float) -> bool:
+    """Whether nothing but the linger itself ran in the window."""
+    return cpu_s < wall_s * IDLE
+
+
 async def linger(linger_s: float, awake_s: float = AWAKE_S) -> None:
-    """Alternate awake windows and lingers of ``linger_s`` for as long as the task runs (cancel to stop)."""
+    """Alternate awake windows and lingers of ``linger_s`` for as long as the task runs (cancel to stop).
+
+    A worker with nothing to do stops lingering after :data:`DORMANT_AFTER` empty windows (a linger
+    costs two wake-ups, which an idle process should not pay hundreds of times a second) and only looks
+    every :data:`DORMANT_S` whether work came back; the first events after a quiet spell are handled at
+    once (the loop is not blocked then), and the window they fall in starts the lingering again.
+    """
     loop = asyncio.get_running_loop()
+    empty = 0
     while True:
         cpu, wall = time.process_time(), loop.time()
-        await asyncio.sleep(awake_s)
-        if should_linger(time.process_time() - cpu, loop.time() - wall):
+        await asyncio.sleep(DORMANT_S if empty >= DORMANT_AFTER else awake_s)
+        cpu, wall = time.process_time() - cpu, loop.time() - wall
+        empty = empty + 1 if idle(cpu, wall) else 0
+        if empty < DORMANT_AFTER and should_linger(cpu, wall):
             time.sleep(linger_s)  # blocking on purpose: the loop must not read the socket meanwhile

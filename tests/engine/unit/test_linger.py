@@ -8,13 +8,15 @@ import time
 
 import pytest
 
-from engine.linger import linger, should_linger
+from engine import linger as lingering
+from engine.linger import idle, linger, should_linger
 
 
 def test_only_a_mostly_idle_window_is_followed_by_a_linger() -> None:
     assert should_linger(0.0001, 0.001)
     assert not should_linger(0.0009, 0.001)  # a backlog or a burst: go on at once
     assert not should_linger(0.004, 0.005)
+    assert idle(0.00001, 0.001) and not idle(0.0002, 0.001)
 
 
 def _gaps(linger_s: float) -> list[float]:
@@ -49,3 +51,18 @@ def test_an_idle_process_lingers_after_each_awake_window(monkeypatch: pytest.Mon
     monkeypatch.setattr(time, "sleep", pauses.append)
     _gaps(0.2)
     assert pauses and set(pauses) == {0.2}
+
+
+def test_a_process_with_nothing_to_do_stops_lingering(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(time, "process_time", lambda: 0.0)  # nothing ever runs
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    monkeypatch.setattr(lingering, "DORMANT_S", 0.001)
+
+    async def run() -> None:
+        task = asyncio.get_running_loop().create_task(linger(0.2))
+        await asyncio.sleep(0.2)  # far more windows than DORMANT_AFTER
+        task.cancel()
+
+    asyncio.run(run())
+    assert len(pauses) == lingering.DORMANT_AFTER - 1  # then dormant: no more pauses
