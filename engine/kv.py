@@ -173,8 +173,14 @@ class DirectGets:
 
     async def _on_reply(self, msg: Any) -> None:
         entry = self._pending.pop(msg.subject, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(read_reply(msg))
+        if entry is None or entry[0].done():
+            return
+        try:
+            reply = read_reply(msg)
+        except ValueError as exc:  # headers that do not decode: off the books now, so fail the read here
+            entry[0].set_exception(BrokerError(f"direct get: an answer that cannot be read: {exc!r}"))
+            return
+        entry[0].set_result(reply)
 
     async def _sweep(self) -> None:
         while True:

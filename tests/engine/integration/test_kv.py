@@ -18,7 +18,7 @@ from nats.js import api
 
 from engine.config import BucketConfig
 from engine.embedded import EmbeddedServer
-from engine.errors import PublishTimeout
+from engine.errors import BrokerError, PublishTimeout
 from engine.kv import WRITE, DirectGets, FastKV, KVClient
 from engine.publisher import Publisher
 from engine.state import Conflict, KVState, Value, open_buckets
@@ -281,3 +281,30 @@ def test_provision_allows_direct_gets_on_a_bucket_created_without(make_config: C
         assert isinstance(legacy, FastKV) and legacy.direct
 
     run(private_server, scenario)
+
+
+async def _send_raw(url: str, subject: str, header_block: bytes) -> None:
+    """Publish a message with a header block exactly as given (nats-py would refuse a malformed one)."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await reader.readline()  # INFO
+    writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n'
+                 + f"HPUB {subject} {len(header_block)} {len(header_block)}\r\n".encode() + header_block
+                 + b"\r\nPING\r\n")
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"PONG")
+    writer.close()
+
+
+def test_a_reply_that_cannot_be_read_fails_its_direct_get_at_once(nats_server: EmbeddedServer) -> None:
+    # A stored message's headers are whatever its writer sent: one that cannot be decoded must fail the
+    # read that asked for it, not leave it waiting for an answer that was taken off the books.
+    async def scenario(nc: Any, bucket: str, fast: dict[str, Any]) -> None:
+        async def answer(msg: Any) -> None:
+            await _send_raw(nats_server.url, msg.reply, b"NATS/1.0\r\nNats-Sequence: \xff\xfe\r\n\r\n")
+
+        await nc.subscribe("$JS.API.DIRECT.GET.KV_NOBUCKET.>", cb=answer)
+        with pytest.raises(BrokerError):
+            await asyncio.wait_for(fast["gets"].last("KV_NOBUCKET", "$KV.NOBUCKET.k"), 3)
+
+    run(nats_server, scenario)
