@@ -116,7 +116,9 @@ async def _decide(stock: StateStore, order: Order, token: str) -> Value:
         return record
     except Conflict:
         existing, _ = await stock.get(reservation_key(order.order_id))
-        return existing or record
+        if existing is None:  # a replica behind the create: taking ours for the winner would keep two claims
+            raise Conflict(f"reservation of {order.order_id!r} exists but reads as absent: retry") from None
+        return existing
 
 
 async def _settle(stock: StateStore, order: Order, record: Value) -> None:
