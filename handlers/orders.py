@@ -55,7 +55,8 @@ async def on_event(event: Event, ctx: Context) -> Event | None:
 def ending(event: Event, order: Order) -> Value:
     """The record of ``order`` ended by ``event`` (one of :data:`ENDINGS`)."""
     status, emits = ENDINGS[event.type]
-    return {"status": status, "order": order.data(),
+    # "applied": what the previous release's workers read first on every event (a rolling upgrade).
+    return {"status": status, "order": order.data(), "applied": [event.id],
             "terminal": {"by": event.id, "type": emits, "reason": _reason(event)}}
 
 
