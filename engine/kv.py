@@ -52,7 +52,7 @@ from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
 from engine.errors import BrokerError, PublishTimeout
 from engine.publisher import Publisher, Refused
-from engine.state import Conflict, RevisionCache, StateStore, Value
+from engine.state import Conflict, RevisionCache, StateStore, Value, direct_gets_for
 from engine.transport import inbox
 from engine.transport.inbox import Message
 from engine.transport.outbox import Outbox
@@ -332,8 +332,13 @@ class KVClient:
     async def store(self, js: Any, bucket: str, kv: Any) -> StateStore:
         """``bucket`` as a :class:`FastKV`; read through ``kv`` when its stream does not allow direct gets."""
         info = await js.stream_info(f"KV_{bucket}")
-        if info.config.allow_direct:
+        replicas = info.config.num_replicas or 1
+        if info.config.allow_direct and direct_gets_for(replicas):
             return FastKV(bucket, self.gets, self._publisher, kv)
-        log.warning("state.direct_get_off", bucket=bucket,
-                    hint="reads go through nats-py's KeyValue.get; run 'jetpool provision' to allow direct gets")
+        if not direct_gets_for(replicas):
+            log.info("state.leader_reads", bucket=bucket, replicas=replicas,
+                     hint="a replicated bucket is read from its leader, so a read never misses a write")
+        else:
+            log.warning("state.direct_get_off", bucket=bucket,
+                        hint="reads go through nats-py's KeyValue.get; run 'jetpool provision' to allow direct gets")
         return FastKV(bucket, None, self._publisher, kv)

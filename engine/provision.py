@@ -19,7 +19,7 @@ from engine.config import Config, StreamConfig
 from engine.deadletter import FAILURES_BUCKET, dlq_stream_config, failures_bucket, failures_stream_config
 from engine.errors import BrokerError
 from engine.outcome import RetryPolicy, redelivery_horizon_s
-from engine.state import open_buckets
+from engine.state import direct_gets_for, open_buckets
 
 log = structlog.get_logger("jetpool.provision")
 
@@ -123,12 +123,14 @@ async def _ensure(js: Any, wanted: api.StreamConfig, keep_storage: bool = False)
 
 async def _tune_bucket(js: Any, name: str, max_bytes: int | None) -> None:
     """Give a state bucket's stream the configured size limit (a KV bucket is created without one), and
-    direct gets (workers read by them, engine/kv.py; buckets created before jetpool did are updated)."""
+    direct gets when it has one replica (workers read by them, engine/kv.py; never on a replicated
+    bucket, where a replica behind the leader would answer: engine.state.direct_gets_for)."""
     info = await js.stream_info(f"KV_{name}")
     wanted = max_bytes or -1
-    if (info.config.max_bytes or -1) != wanted or not info.config.allow_direct:
+    direct = direct_gets_for(info.config.num_replicas or 1)
+    if (info.config.max_bytes or -1) != wanted or bool(info.config.allow_direct) != direct:
         info.config.max_bytes = wanted
-        info.config.allow_direct = True
+        info.config.allow_direct = direct
         await js.update_stream(info.config)
 
 

@@ -214,9 +214,20 @@ class FastStores(Protocol):
     async def store(self, js: Any, bucket: str, kv: Any) -> StateStore: ...
 
 
+def direct_gets_for(replicas: int) -> bool:
+    """Whether a bucket of ``replicas`` allows direct gets: only with one replica.
+
+    On a replicated stream every replica answers direct gets, including one that has not applied the
+    last write yet; a read after a write could then miss it (a record created a moment ago reads as
+    absent). Replicated buckets are read from their leader instead (``STREAM.MSG.GET``).
+    """
+    return replicas == 1
+
+
 def key_value_config(name: str, cfg: Any) -> api.KeyValueConfig:
-    """How a configured bucket is created: with direct gets allowed (the fast state path reads by them)."""
-    return api.KeyValueConfig(bucket=name, history=cfg.history, direct=True, replicas=cfg.replicas,
+    """How a configured bucket is created: with direct gets allowed when it has one replica."""
+    return api.KeyValueConfig(bucket=name, history=cfg.history, direct=direct_gets_for(cfg.replicas),
+                              replicas=cfg.replicas,
                               storage=api.StorageType.FILE if cfg.storage == "file" else api.StorageType.MEMORY)
 
 
@@ -224,7 +235,7 @@ async def open_buckets(js: Any, buckets: dict[str, Any], create: bool,
                        fast: FastStores | None = None) -> dict[str, StateStore]:
     """Open (and with ``create``, create) the configured buckets as state stores.
 
-    Created buckets allow direct gets. With ``fast``, each bucket is opened as ``fast`` makes it;
+    Created buckets of one replica allow direct gets. With ``fast``, each bucket is opened as ``fast`` makes it;
     otherwise as a :class:`KVState`.
     """
     stores: dict[str, StateStore] = {}
