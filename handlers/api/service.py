@@ -144,6 +144,8 @@ class OrderDesk:
                 return None
             record = {"status": status(None, payment, placed=True), "order": request["event"]["data"],
                       "terminal": None}
+        elif record.get("terminal") is None:  # not ended, written by a release that recorded the stages
+            record = {**record, "status": status(None, payment, placed=True)}
         reservation, _ = await (await self.store("stock")).get(f"reservation.{order_id}")
         return view(order_id, record, payment, reservation)
 

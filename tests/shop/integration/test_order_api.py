@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
+import orjson
 import pytest
 import yaml
 
@@ -131,3 +133,32 @@ def test_the_sidecar_serves_on_the_configured_port_and_exports_its_url(tmp_path:
     assert sidecar_port({}) == DEFAULT_PORT == 8000
     with pytest.raises(ConfigError, match=PORT_ENV):
         sidecar_port({PORT_ENV: "http"})
+
+
+def test_the_stage_before_the_end_is_read_from_the_payment(tmp_path: Path, nats_server: EmbeddedServer) -> None:
+    """Orders writes an order's record only when it ends: until then ``paid`` comes from the payment record,
+    also over a record an earlier release wrote at ``placed`` (it recorded every stage)."""
+    app = api_shop(tmp_path, nats_server.url)
+
+    async def scenario() -> list[str]:
+        async with api(app) as (_, client, _cfg):
+            new = await post_order(client, str(uuid.uuid4()), _line())
+            old = await post_order(client, str(uuid.uuid4()), _line())
+            nc = await nats.connect(app.url)
+            try:
+                js = nc.jetstream()
+                payments, orders = await js.key_value("payments"), await js.key_value("orders")
+                for placed in (new, old):
+                    await payments.put(placed[1]["order_id"], orjson.dumps(
+                        {"status": "authorized", "charge_id": "ch_1", "reason": "", "amount_cents": 2599}))
+                await orders.put(old[1]["order_id"], orjson.dumps(
+                    {"status": "placed", "order": _line(), "applied": ["e1"], "terminal": None}))
+            finally:
+                await nc.close()
+            statuses = []
+            for placed in (new, old):
+                async with client.get(placed[2]["Location"]) as response:
+                    statuses.append((await response.json())["status"])
+            return statuses
+
+    assert asyncio.run(scenario()) == ["paid", "paid"]
