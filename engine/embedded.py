@@ -71,11 +71,23 @@ def go_max_procs(configured: int | None) -> int:
     wake-ups, spinning) rather than doing it: on a 2-CPU machine, GOMAXPROCS=1 cut nats-server's CPU
     per shop order by a fifth at a steady rate and by a third in a backlog, and the backlog drained
     faster (benchmarks/results/shop_e2e.md). Half the CPUs keeps that on small machines and leaves
-    larger ones plenty.
+    larger ones plenty; the CPUs are counted as :func:`usable_cpus` says (a container's quota included).
     """
     if configured is not None:
         return configured
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    return max(1, usable_cpus() // 2)
+
+
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's limit)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or not int(period):
+        return cpus
+    return max(1, min(cpus, -(-int(quota) // int(period))))
 
 
 def server_env(configured: int | None) -> dict[str, str]:
