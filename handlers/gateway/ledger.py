@@ -20,6 +20,12 @@ import orjson
 from handlers.database import Database
 from handlers.schemas import LEDGER_SCHEMA
 
+# An idempotency key's row ($1-$6); a concurrent transaction holding the same key is waited for, then
+# the insert does nothing.
+_CLAIM_SQL = ("INSERT INTO ledger.idempotency_keys (key, kind, fingerprint, order_id, http_status, response) "
+              "VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (key) DO NOTHING")
+_CLAIM_CTE = f"WITH claimed AS ({_CLAIM_SQL} RETURNING key) "
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -106,13 +112,16 @@ class Ledger:
         Raises:
             KeyReused: the key's first request was a different one.
         """
-        async with self.db.pool.acquire() as conn, conn.transaction():
-            if await self._claim(conn, key, "charge", fingerprint, order_id, answer):
-                if charge is not None:
-                    await conn.execute(
-                        "INSERT INTO ledger.charges (id, order_id, amount_cents, currency, idempotency_key) "
-                        "VALUES ($1, $2, $3, $4, $5)",
-                        charge.id, charge.order_id, charge.amount_cents, charge.currency, key)
+        async with self.db.pool.acquire() as conn:
+            if charge is None:
+                claimed = await self._claim(conn, key, "charge", fingerprint, order_id, answer)
+            else:  # the key and its charge in one statement: one round trip, all or nothing
+                claimed = bool(await conn.fetchval(
+                    _CLAIM_CTE + "INSERT INTO ledger.charges (id, order_id, amount_cents, currency, idempotency_key) "
+                    "SELECT $7, $8, $9, $10, key FROM claimed RETURNING true",
+                    key, "charge", fingerprint, order_id, answer.http_status, orjson.dumps(answer.body).decode(),
+                    charge.id, charge.order_id, charge.amount_cents, charge.currency))
+            if claimed:
                 return answer
         return await self._replay(key, "charge", fingerprint)
 
@@ -156,8 +165,7 @@ class Ledger:
                      answer: Answer) -> bool:
         """Insert the key's row; False when it exists (a concurrent holder of the key is waited for)."""
         inserted = await conn.fetchval(
-            "INSERT INTO ledger.idempotency_keys (key, kind, fingerprint, order_id, http_status, response) "
-            "VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (key) DO NOTHING RETURNING true",
+            _CLAIM_SQL + " RETURNING true",
             key, kind, fingerprint, order_id, answer.http_status, orjson.dumps(answer.body).decode())
         return bool(inserted)
 
