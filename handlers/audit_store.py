@@ -124,8 +124,12 @@ class _GroupCommit:
                 done.set_result(None)
 
 
+# A group in one statement (one round trip, all or nothing), its rows in event id order: two writers whose
+# groups overlap lock the same rows in the same order.
 _PG_INSERT = """INSERT INTO audit.events (event_id, order_id, type, service, occurred_at, timestamp, stream_seq, data)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING"""
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
+                         $7::bigint[], $8::jsonb[]) ORDER BY 1
+    ON CONFLICT (event_id) DO NOTHING"""
 _PG_COLUMNS = "event_id, order_id, type, service, timestamp, stream_seq, data::text"
 
 
@@ -167,11 +171,9 @@ class PostgresAuditStore:
     async def _insert(self, records: list[AuditRecord]) -> None:
         if not records:
             return
-        # In event id order: two writers whose groups overlap lock the same rows in the same order.
-        rows = sorted((r.event_id, r.order_id, r.type, r.service, datetime.fromisoformat(r.timestamp), r.timestamp,
-                       r.stream_seq, orjson.dumps(r.data).decode()) for r in records)
-        async with self.db.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(_PG_INSERT, rows)
+        rows = [(r.event_id, r.order_id, r.type, r.service, datetime.fromisoformat(r.timestamp), r.timestamp,
+                 r.stream_seq, orjson.dumps(r.data).decode()) for r in records]
+        await self.db.pool.execute(_PG_INSERT, *(list(column) for column in zip(*rows, strict=True)))
 
 
 _pg_stores: dict[Database, PostgresAuditStore] = {}
