@@ -14,7 +14,7 @@ import pytest
 
 from handlers import audit
 from handlers.audit_store import AuditRecord, PostgresAuditStore
-from handlers.database import DATABASE_URL_ENV, EmbeddedPostgres, provision, shop_database
+from handlers.database import DATABASE_URL_ENV, Database, EmbeddedPostgres, provision, shop_database
 from handlers.saga import Order
 from handlers.schemas import AUDIT_SCHEMA, Schema
 from tests.shop_support import context, order_placed
@@ -179,3 +179,23 @@ def test_shop_database_uses_a_configured_dsn_and_starts_nothing(shop_dsn: str, t
     assert asyncio.run(go()) == shop_dsn
     assert not (tmp_path / "unused").exists() and env == {DATABASE_URL_ENV: shop_dsn}
     assert with_store(shop_dsn, lambda store: store.count()) == 0  # provisioned: the table is there
+
+
+def test_a_connection_given_back_in_a_transaction_is_rolled_back_and_others_keep_nothing(shop_dsn: str) -> None:
+    """The pool skips asyncpg's reset round trip on release, except for a connection still in a transaction."""
+    async def go() -> tuple[bool, int]:
+        db = await Database.open(shop_dsn, [AUDIT_SCHEMA], max_size=1)
+        try:
+            async with db.pool.acquire() as conn:
+                await conn.execute("CREATE TABLE IF NOT EXISTS audit.reset_probe (n int)")
+                left_open = conn.transaction()
+                await left_open.start()
+                await conn.execute("INSERT INTO audit.reset_probe VALUES (1)")
+            async with db.pool.acquire() as conn:  # the same connection: the pool has one
+                in_transaction = conn.is_in_transaction()
+                rows = int(await conn.fetchval("SELECT count(*) FROM audit.reset_probe"))
+            return in_transaction, rows
+        finally:
+            await db.close()
+
+    assert asyncio.run(go()) == (False, 0)
