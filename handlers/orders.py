@@ -16,7 +16,7 @@ from __future__ import annotations
 import structlog
 
 from engine import Context, Event, Reject
-from engine.state import Conflict, StateStore, Value
+from engine.state import StateStore, Value
 from handlers.saga import (
     ORDER_CANCELLED,
     ORDER_CONFIRMED,
@@ -72,21 +72,14 @@ def status(record: Value | None, payment: Value | None, placed: bool) -> str | N
 async def _end_once(store: StateStore, order_id: str, record: Value) -> Value:
     """Create the record unless the order already ended; return the record that stands.
 
-    The common case is one request (the create). An ended record is never changed, so the one that
-    exists is final. A record without an ending (written by a version that also recorded earlier
-    stages) is ended here by compare-and-set.
+    ``fresh``: the key is expected not to exist, so the compare-and-set starts with the create (the
+    common case is that one request) and reads only when it is refused. An ended record is never
+    changed; one without an ending (written by a release that also recorded earlier stages) is ended.
     """
-    try:
-        await store.create(order_id, record)
-        return record
-    except Conflict:
-        pass
-
     def end(current: Value | None) -> Value | None:
         return record if current is None or current.get("terminal") is None else None
 
-    stands = await store.mutate(order_id, end)
-    return stands if stands is not None else record
+    return await store.mutate(order_id, end, fresh=True) or record
 
 
 def _reason(event: Event) -> str:
