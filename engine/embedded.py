@@ -68,9 +68,8 @@ def go_max_procs(configured: int | None) -> int:
 
     Go's default is one OS thread running Go code per CPU. A broker that shares a small machine with
     the Python workers it serves then spends much of its time handing work between threads (futex
-    wake-ups, spinning) rather than doing it: on a 2-CPU machine, GOMAXPROCS=1 cut nats-server's CPU
-    per shop order by a fifth at a steady rate and by a third in a backlog, and the backlog drained
-    faster (benchmarks/results/shop_e2e.md). Half the CPUs keeps that on small machines and leaves
+    wake-ups, spinning) rather than doing it, and takes that CPU from the workers (measured in
+    benchmarks/results/shop_e2e.md and paced.md). Half the CPUs keeps that on small machines and leaves
     larger ones plenty; the CPUs are counted as :func:`usable_cpus` says (a container's quota included).
     """
     if configured is not None:

@@ -58,11 +58,11 @@ async def _reset(conn: asyncpg.Connection) -> None:
     """The pool's reset of a released connection: nothing beyond what asyncpg always does.
 
     asyncpg's default runs ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
-    release: a round trip to the server per query, which measured about a tenth of the payment gateway's
-    CPU per charge. The shop leaves no session state behind (no SET, LISTEN, cursors or session-level
-    advisory locks: the migration lock is transaction-scoped). A connection released inside a
-    transaction (a cancelled caller) is rolled back by asyncpg before this is called, custom reset or
-    not (tests/shop/unit/test_audit_postgres.py checks that).
+    release: one more round trip to the server for every query through the pool. The shop leaves no
+    session state behind (no SET, LISTEN, cursors or session-level advisory locks: the migration lock is
+    transaction-scoped). A connection released inside a transaction (a cancelled caller) is rolled back
+    by asyncpg before this is called, custom reset or not (tests/shop/unit/test_audit_postgres.py checks
+    that).
     """
 
 
