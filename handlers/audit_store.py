@@ -6,16 +6,16 @@ workers and pods write at once (``INSERT ... ON CONFLICT DO NOTHING``: a redeliv
 once). :class:`SqliteAuditStore` keeps the same trail in a local SQLite file, for a config that names
 a ``db_path``.
 
-Writes are group-committed: ``add`` queues the record and waits; one writer commits whatever queued up
-while the previous commit ran, in one transaction. Under load that is one commit for hundreds of
-events, and the handler still returns only after its row is stored. A record the database refuses
-fails its own ``add`` alone: the group is then written record by record.
+Writes are group-committed (:mod:`handlers.group_commit`): ``add`` queues the record and waits; one
+writer commits whatever queued up while the previous commit ran, in one transaction. Under load that
+is one commit for hundreds of events, and the handler still returns only after its row is stored. A
+record the database refuses fails its own ``add`` alone: the group is then written record by record.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +26,7 @@ import orjson
 
 from engine.events import Event
 from handlers.database import Database, shared
+from handlers.group_commit import GroupCommit
 from handlers.saga import PRODUCERS
 from handlers.schemas import AUDIT_SCHEMA
 from handlers.sqlite import open_db
@@ -79,51 +80,6 @@ class AuditStore(Protocol):
         ...
 
 
-class _GroupCommit:
-    """Queue ``add`` calls and write each group that gathered with one call of ``write``.
-
-    Args:
-        write: stores a list of records in one transaction (all or none).
-    """
-
-    def __init__(self, write: Callable[[list[AuditRecord]], Awaitable[None]]) -> None:
-        self._write = write
-        self._queue: list[tuple[AuditRecord, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    async def add(self, record: AuditRecord) -> None:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._queue.append((record, done))
-        if self._writer is None or self._writer.done():
-            self._writer = loop.create_task(self._write_queued())
-        await done
-
-    async def _write_queued(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                await self._write([record for record, _ in batch])
-            except Exception:
-                # One record the store refuses must not fail the others of its group: each alone, then.
-                for record, done in batch:
-                    await self._write_one(record, done)
-            else:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
-
-    async def _write_one(self, record: AuditRecord, done: asyncio.Future[None]) -> None:
-        try:
-            await self._write([record])
-        except Exception as exc:
-            if not done.done():
-                done.set_exception(exc)
-        else:
-            if not done.done():
-                done.set_result(None)
-
-
 # A group in one statement (one round trip, all or nothing), its rows in event id order: two writers whose
 # groups overlap lock the same rows in the same order.
 _PG_INSERT = """INSERT INTO audit.events (event_id, order_id, type, service, occurred_at, timestamp, stream_seq, data)
@@ -142,7 +98,7 @@ class PostgresAuditStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._commits = _GroupCommit(self._insert)
+        self._commits: GroupCommit[AuditRecord, None] = GroupCommit(self._insert_group)
 
     @classmethod
     async def open(cls, dsn: str) -> PostgresAuditStore:
@@ -150,7 +106,7 @@ class PostgresAuditStore:
         return cls(await Database.open(dsn, [AUDIT_SCHEMA], max_size=2))
 
     async def add(self, record: AuditRecord) -> None:
-        await self._commits.add(record)
+        await self._commits.submit(record)
 
     async def add_many(self, records: Sequence[AuditRecord]) -> None:
         await self._insert(list(records))
@@ -167,6 +123,10 @@ class PostgresAuditStore:
 
     async def close(self) -> None:
         await self.db.close()
+
+    async def _insert_group(self, records: list[AuditRecord]) -> list[None]:
+        await self._insert(records)
+        return [None] * len(records)
 
     async def _insert(self, records: list[AuditRecord]) -> None:
         if not records:
@@ -209,10 +169,10 @@ class SqliteAuditStore:
         self._db = open_db(self.path, _SCHEMA)
         # One thread owns the connection: statements never run concurrently, nor on the event loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-sqlite")
-        self._commits = _GroupCommit(lambda records: self._run(self._insert, records))
+        self._commits: GroupCommit[AuditRecord, None] = GroupCommit(self._insert_group)
 
     async def add(self, record: AuditRecord) -> None:
-        await self._commits.add(record)
+        await self._commits.submit(record)
 
     async def add_many(self, records: Sequence[AuditRecord]) -> None:
         await self._run(self._insert, list(records))
@@ -235,6 +195,10 @@ class SqliteAuditStore:
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _insert_group(self, records: list[AuditRecord]) -> list[None]:
+        await self._run(self._insert, records)
+        return [None] * len(records)
 
     def _insert(self, records: list[AuditRecord]) -> None:
         rows = [(r.event_id, r.order_id, r.type, r.service, r.timestamp, r.stream_seq, orjson.dumps(r.data).decode())

@@ -5,6 +5,10 @@ movement it caused is written in the same transaction, so a key moves money at m
 of gateway processes may share the ledger: ``INSERT ... ON CONFLICT DO NOTHING`` on the key waits for a
 concurrent transaction holding the same key and then finds its row, and each movement's
 ``idempotency_key`` is ``UNIQUE`` besides, so two requests with one key cannot both move money.
+
+Charges are group-committed (:mod:`handlers.group_commit`): the charges of concurrent requests are
+claimed and made with one statement, so under load a commit carries many, and a request alone is
+written at once.
 """
 
 from __future__ import annotations
@@ -18,13 +22,31 @@ import asyncpg  # type: ignore[import-untyped]  # ships no type information
 import orjson
 
 from handlers.database import Database
+from handlers.group_commit import GroupCommit
 from handlers.schemas import LEDGER_SCHEMA
 
 # An idempotency key's row ($1-$6); a concurrent transaction holding the same key is waited for, then
 # the insert does nothing.
 _CLAIM_SQL = ("INSERT INTO ledger.idempotency_keys (key, kind, fingerprint, order_id, http_status, response) "
               "VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (key) DO NOTHING")
-_CLAIM_CTE = f"WITH claimed AS ({_CLAIM_SQL} RETURNING key) "
+
+# A group of charges (and declines) in one statement: one round trip and one commit, all or nothing. Each
+# key's row is claimed, in key order (two gateways whose groups overlap wait for each other's keys in the
+# same order, never in a cycle), and a charge is made for each key claimed here that carries one; the keys
+# returned are those claimed (the others were known: their first answer is replayed).
+_CHARGE_GROUP_SQL = """WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[],
+                         $6::text[], $7::text[], $8::bigint[], $9::text[])
+        AS i (key, fingerprint, order_id, http_status, response, charge_id, charge_order, amount_cents, currency)),
+claimed AS (
+    INSERT INTO ledger.idempotency_keys (key, kind, fingerprint, order_id, http_status, response)
+    SELECT key, 'charge', fingerprint, order_id, http_status, response::jsonb FROM input ORDER BY key
+    ON CONFLICT (key) DO NOTHING RETURNING key),
+charged AS (
+    INSERT INTO ledger.charges (id, order_id, amount_cents, currency, idempotency_key)
+    SELECT i.charge_id, i.charge_order, i.amount_cents, i.currency, i.key FROM input i JOIN claimed USING (key)
+    WHERE i.charge_id IS NOT NULL)
+SELECT key FROM claimed"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +83,17 @@ class Refund:
     amount_cents: int
 
 
+@dataclass(frozen=True, slots=True)
+class _ChargeRequest:
+    """One charge request waiting for its group's statement."""
+
+    key: str
+    fingerprint: str
+    order_id: str
+    answer: Answer
+    charge: Charge | None
+
+
 class KeyReused(Exception):
     """The idempotency key was first used for a different request (another kind or other parameters)."""
 
@@ -88,6 +121,7 @@ class Ledger:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._charges: GroupCommit[_ChargeRequest, bool] = GroupCommit(self._claim_charges)
 
     @classmethod
     async def open(cls, dsn: str, *, max_connections: int = 8) -> Ledger:
@@ -112,17 +146,8 @@ class Ledger:
         Raises:
             KeyReused: the key's first request was a different one.
         """
-        async with self.db.pool.acquire() as conn:
-            if charge is None:
-                claimed = await self._claim(conn, key, "charge", fingerprint, order_id, answer)
-            else:  # the key and its charge in one statement: one round trip, all or nothing
-                claimed = bool(await conn.fetchval(
-                    _CLAIM_CTE + "INSERT INTO ledger.charges (id, order_id, amount_cents, currency, idempotency_key) "
-                    "SELECT $7, $8, $9, $10, key FROM claimed RETURNING true",
-                    key, "charge", fingerprint, order_id, answer.http_status, orjson.dumps(answer.body).decode(),
-                    charge.id, charge.order_id, charge.amount_cents, charge.currency))
-            if claimed:
-                return answer
+        if await self._charges.submit(_ChargeRequest(key, fingerprint, order_id, answer, charge)):
+            return answer
         return await self._replay(key, "charge", fingerprint)
 
     async def refund(self, key: str, fingerprint: str, answer: Answer, refund: Refund) -> Answer:
@@ -160,6 +185,20 @@ class Ledger:
         async with self.db.pool.acquire() as conn:
             row = await conn.fetchrow("SELECT order_id, amount_cents FROM ledger.charges WHERE id = $1", charge_id)
         return None if row is None else (str(row["order_id"]), int(row["amount_cents"]))
+
+    async def _claim_charges(self, requests: list[_ChargeRequest]) -> list[bool]:
+        """Claim a group's keys and make their charges in one statement; per request, whether its key was
+        claimed. A key twice in one group is claimed by its first request; the second replays its answer."""
+        first: dict[str, _ChargeRequest] = {}
+        for request in requests:
+            first.setdefault(request.key, request)
+        rows = [(r.key, r.fingerprint, r.order_id, r.answer.http_status, orjson.dumps(r.answer.body).decode(),
+                 *((r.charge.id, r.charge.order_id, r.charge.amount_cents, r.charge.currency) if r.charge
+                   else (None, None, None, None))) for r in first.values()]
+        async with self.db.pool.acquire() as conn:
+            claimed = {record[0] for record in await conn.fetch(
+                _CHARGE_GROUP_SQL, *(list(column) for column in zip(*rows, strict=True)))}
+        return [r.key in claimed and first[r.key] is r for r in requests]
 
     async def _claim(self, conn: asyncpg.Connection, key: str, kind: str, fingerprint: str, order_id: str,
                      answer: Answer) -> bool:

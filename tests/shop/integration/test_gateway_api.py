@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
+import asyncpg  # type: ignore[import-untyped]
 import orjson
 import pytest
 
@@ -62,6 +63,42 @@ def test_concurrent_requests_with_one_key_charge_once(shop_dsn: str) -> None:
     assert len({body["id"] for _, body, _ in answers}) == 1
     assert sum(1 for _, _, h in answers if h.get("Idempotent-Replayed") != "true") == 1
     assert len(ledger_rows(shop_dsn, "charges")) == 1
+
+
+def test_concurrent_charges_are_committed_in_groups_each_answered_as_if_alone(shop_dsn: str) -> None:
+    """120 charges at once, a third of them declined, one key sent twice and one key reused for another
+    amount in the same burst: one charge per authorized key, the duplicate replays, the reuse is refused,
+    and the ledger commits far fewer transactions than there are requests."""
+    async def transactions() -> int:
+        """How many transactions wrote the keys (rows one statement inserts share its transaction id)."""
+        conn = await asyncpg.connect(shop_dsn)
+        try:
+            return int(await conn.fetchval("SELECT count(DISTINCT xmin::text) FROM ledger.idempotency_keys"))
+        finally:
+            await conn.close()
+
+    async def work(url: str, http: aiohttp.ClientSession) -> tuple[list[Any], int]:
+        bodies = [({**CHARGE, "order": f"o-{i}", "amount": 100 + i}, f"k-{i}") for i in range(120)]
+        bodies += [({**CHARGE, "order": "o-7", "amount": 107}, "k-7"), ({**CHARGE, "order": "o-8", "amount": 1}, "k-8")]
+        answers = await asyncio.gather(*(post(http, f"{url}/v1/charges", body, key) for body, key in bodies))
+        return answers, await transactions()
+
+    answers, committed = on_gateway(shop_dsn, work, decline_rate=0.33, latency_ms=5)
+    first, duplicate, reused = answers[:120], answers[120], answers[121]
+    # Whichever of k-8's two requests came first holds the key; the other is refused.
+    (refused,), (holder,) = ([a for a in (first[8], reused) if (a[0] == 422) is want] for want in (True, False))
+    assert refused[1]["error"]["type"] == "idempotency_error"
+    statuses = [status for status, _, _ in [*first[:8], holder, *first[9:]]]
+    assert set(statuses) == {200, 402}
+    assert duplicate[0] == statuses[7] and duplicate[1] == first[7][1]
+    assert sum(1 for _, _, headers in answers if headers.get("Idempotent-Replayed") == "true") == 1
+    charges = {c["idempotency_key"]: c for c in ledger_rows(shop_dsn, "charges")}
+    assert sorted(charges) == sorted(f"k-{i}" for i, s in enumerate(statuses) if s == 200)
+    assert all(c["amount_cents"] == 100 + int(c["order_id"][2:]) for k, c in charges.items() if k != "k-8")
+    if "k-8" in charges:
+        assert charges["k-8"]["amount_cents"] == holder[1]["amount"]
+    assert len(ledger_rows(shop_dsn, "idempotency_keys")) == 120
+    assert committed < 60, committed  # alone, each charge is a transaction of its own: 120
 
 
 def test_the_same_key_with_another_body_is_refused(shop_dsn: str) -> None:

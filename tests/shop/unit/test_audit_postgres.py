@@ -58,9 +58,10 @@ def test_concurrent_adds_are_committed_in_groups(shop_dsn: str) -> None:
     async def work(store: PostgresAuditStore) -> int:
         insert = store._insert
 
-        async def counting(records: list[AuditRecord]) -> None:
+        async def counting(records: list[AuditRecord]) -> list[None]:
             writes.append(len(records))
             await insert(records)
+            return [None] * len(records)
 
         store._commits._write = counting
         await asyncio.gather(*(store.add(AuditRecord.from_event(e, i)) for i, e in enumerate(events)))
