@@ -156,12 +156,18 @@ async def shared(schemas: Sequence[Schema] = (), env: Mapping[str, str] | None =
     dsn = database_url(env)
     loop = asyncio.get_running_loop()
     entry = _shared.get(dsn)
-    if entry is None or entry[0] is not loop or (entry[1].done() and entry[1].exception() is not None):
+    if entry is None or entry[0] is not loop or _failed(entry[1]):
         entry = (loop, loop.create_task(Database.open(dsn)))
         _shared[dsn] = entry
-    db = await asyncio.shield(entry[1])
+    opening = entry[1]
+    # Once open, no shield: it costs a future per call, and this runs per event.
+    db = opening.result() if opening.done() else await asyncio.shield(opening)
     await db.ensure(schemas)
     return db
+
+
+def _failed(opening: asyncio.Task[Database]) -> bool:
+    return opening.done() and (opening.cancelled() or opening.exception() is not None)
 
 
 def database_url(env: Mapping[str, str] | None = None) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from engine.config import Config
 from engine.errors import JetpoolError
@@ -75,6 +76,7 @@ class GatewayClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -121,9 +123,14 @@ class GatewayClient:
             self._session = None
 
     async def _post(self, path: str, key: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any], bool]:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(f"{self.url}{path}")
         try:
-            async with self.session.post(f"{self.url}{path}", json=dict(body),
-                                         headers={"Idempotency-Key": key}) as response:
+            # A parsed URL and a body already in bytes: aiohttp would parse and encode them per request.
+            async with self.session.post(url, data=orjson.dumps(dict(body)),
+                                         headers={"Content-Type": "application/json",
+                                                  "Idempotency-Key": key}) as response:
                 raw = await response.read()
                 status = response.status
                 replayed = response.headers.get("Idempotent-Replayed") == "true"
@@ -186,11 +193,29 @@ def gateway_url(settings: Mapping[str, Any], env: Mapping[str, str] | None = Non
 _clients: dict[tuple[str, str], tuple[asyncio.AbstractEventLoop, GatewayClient]] = {}
 
 
+# The last answer of gateway_for: its settings (held, so their id is not reused), URL, loop and client.
+_last: tuple[Mapping[str, Any], str, asyncio.AbstractEventLoop, GatewayClient] | None = None
+
+
 def gateway_for(settings: Mapping[str, Any], env: Mapping[str, str] | None = None) -> GatewayClient:
-    """This process's client of the gateway for these settings (built once per event loop, then reused)."""
+    """This process's client of the gateway for these settings (built once per event loop, then reused).
+
+    Called per payment with the service's own settings mapping: the same mapping, URL and loop as the
+    last call answer at once, without building the lookup key.
+    """
+    global _last
     url = gateway_url(settings, env)
-    key = (url, orjson.dumps(dict(settings), option=orjson.OPT_SORT_KEYS).decode())
     loop = asyncio.get_running_loop()
+    last = _last
+    if last is not None and last[0] is settings and last[1] == url and last[2] is loop:
+        return last[3]
+    client = _client_for(settings, url, loop)
+    _last = (settings, url, loop, client)
+    return client
+
+
+def _client_for(settings: Mapping[str, Any], url: str, loop: asyncio.AbstractEventLoop) -> GatewayClient:
+    key = (url, orjson.dumps(dict(settings), option=orjson.OPT_SORT_KEYS).decode())
     entry = _clients.get(key)
     if entry is None or entry[0] is not loop:
         client = GatewayClient(url, connect_timeout_s=float(settings.get("connect_timeout_s", 1.0)),
@@ -202,7 +227,10 @@ def gateway_for(settings: Mapping[str, Any], env: Mapping[str, str] | None = Non
 
 async def close_clients() -> None:
     """Close this event loop's clients (a process that is done with the gateway, or a test)."""
+    global _last
     loop = asyncio.get_running_loop()
+    if _last is not None and _last[2] is loop:
+        _last = None
     for key, (owner, client) in list(_clients.items()):
         if owner is loop:
             del _clients[key]
