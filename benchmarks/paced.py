@@ -84,7 +84,7 @@ from benchmarks.prefill import (
     prefill,
 )
 from benchmarks.proc_stats import Counters, load, monitor_json, read_counters, read_groups
-from engine.embedded import EmbeddedServer, find_nats_server, free_port
+from engine.embedded import EmbeddedServer, find_nats_server
 from engine.process import EngineProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -647,13 +647,13 @@ def commit() -> str:
 
 
 async def run(settings: Settings, workdir: Path) -> dict[str, Any]:
-    monitor_port = free_port()
-    server = EmbeddedServer(store_dir=workdir / "store", extra_args=["-m", str(monitor_port)])
-    bench = Bench(server, monitor_port, settings, workdir)
+    server = EmbeddedServer(store_dir=workdir / "store", monitor_port=0)  # a free port, picked on start
+    bench = Bench(server, 0, settings, workdir)
     started = datetime.datetime.now(datetime.UTC)
     before = await asyncio.to_thread(load)
     try:
         server.start()
+        bench.monitor_port = server.monitor_port or 0
         await bench.connect()
         paced = [await paced_rate(bench, rate) for rate in settings.rates]
         drained = await backlog(bench) if settings.backlog_events else {}

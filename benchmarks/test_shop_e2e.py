@@ -64,7 +64,7 @@ from benchmarks.shop_http import (
     wrk_version,
 )
 from engine.config import Config, load_config
-from engine.embedded import EmbeddedServer, free_port
+from engine.embedded import EmbeddedServer
 from engine.process import EngineProcess
 from engine.runtime import provision_only
 from handlers import SHOP_YAML
@@ -166,8 +166,8 @@ def shop(directory: Path) -> Iterator[Config]:
 @contextmanager
 def running_shop(directory: Path) -> Iterator[Shop]:
     """:func:`shop`, with its processes and the broker's monitoring port."""
-    monitor_port = free_port()
-    server = EmbeddedServer(store_dir=directory / "nats", extra_args=["-m", str(monitor_port)]).start()
+    server = EmbeddedServer(store_dir=directory / "nats", monitor_port=0).start()  # a free port, picked on start
+    monitor_port = server.monitor_port or 0
     database = EmbeddedPostgres(directory / "postgres", die_with_parent=True)
     gateway: GatewayProcess | None = None
     engine: EngineProcess | None = None

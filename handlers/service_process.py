@@ -27,6 +27,12 @@ class ServiceStartError(JetpoolError):
     """The service's process exited or did not become ready."""
 
 
+class ExitedEarly(ServiceStartError):
+    """The service's process exited before it was ready (its port may have been taken meanwhile)."""
+
+
+_START_ATTEMPTS = 3
+
 class ServiceProcess:
     """Start, wait for and stop one HTTP service process; subclasses say which (:meth:`command`).
 
@@ -50,19 +56,28 @@ class ServiceProcess:
         raise NotImplementedError
 
     def start(self, ready_timeout_s: float = 30.0) -> Self:
-        """Start it and wait until ``/ready`` answers 200."""
-        port = _free_port()
-        preexec = die_with_parent(signal.SIGTERM) if self.tied else None
-        with open(self.log_path or os.devnull, "ab") as out:
-            self.proc = subprocess.Popen(self.command(port), env=self.env, stdout=out, stderr=out,
-                                         start_new_session=True, preexec_fn=preexec)
-        self.url = f"http://127.0.0.1:{port}"
-        try:
-            self._wait_ready(ready_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        """Start it and wait until ``/ready`` answers 200.
+
+        The port is free when picked, not necessarily when the child binds it: a child that exits before
+        it is ready is started again on a new port, up to three times in all.
+        """
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            port = _free_port()
+            preexec = die_with_parent(signal.SIGTERM) if self.tied else None
+            with open(self.log_path or os.devnull, "ab") as out:
+                self.proc = subprocess.Popen(self.command(port), env=self.env, stdout=out, stderr=out,
+                                             start_new_session=True, preexec_fn=preexec)
+            self.url = f"http://127.0.0.1:{port}"
+            try:
+                self._wait_ready(ready_timeout_s)
+                return self
+            except ExitedEarly:
+                if attempt == _START_ATTEMPTS:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+        return self  # not reached: the last attempt returned or raised
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM by PID, then SIGKILL."""
@@ -80,7 +95,7 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServiceStartError(f"{self.what} exited with code {self.proc.returncode}"
+                raise ExitedEarly(f"{self.what} exited with code {self.proc.returncode}"
                                         + (f" (see {self.log_path})" if self.log_path else ""))
             with (contextlib.suppress(urllib.error.URLError, OSError),
                   urllib.request.urlopen(f"{self.url}/ready", timeout=1) as response):

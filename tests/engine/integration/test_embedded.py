@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import signal
+import socket
+import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import psutil
+import pytest
 
+from engine import embedded
 from tests.support import App, Engine, count, expected_pong_ids, pings, publish, read, settled, still_running, wait_for
 
 
@@ -53,3 +58,37 @@ def test_a_killed_supervisor_leaves_no_embedded_broker_behind(make_config: Calla
     run.wait_exit(10)
     wait_for(lambda: not still_running(tree), 30, "the broker and the workers to exit",
              detail=lambda: f"still running: {still_running(tree)}")
+
+
+def test_a_port_taken_before_the_server_binds_it_is_picked_again(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """free_port's port is free when picked, not when the server binds it: the server retries on new ports.
+    A port the caller chose is never changed: taken, the start fails and says so."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        picks = iter([port, port])  # the client port, then the monitoring port: both taken the first time
+        monkeypatch.setattr(embedded, "free_port", lambda: next(picks, None) or socket_port())
+        server = embedded.EmbeddedServer(store_dir=tmp_path / "a", monitor_port=0)
+        try:
+            server.start()
+            assert server.port != port and server.monitor_port not in (None, 0, port)
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.monitor_port}/varz", timeout=5) as varz:
+                assert orjson.loads(varz.read())["port"] == server.port
+        finally:
+            server.stop()
+
+        given = embedded.EmbeddedServer(store_dir=tmp_path / "b", port=port)
+        try:
+            with pytest.raises(embedded.PortTaken, match="address already in use"):
+                given.start()
+            assert given.port == port
+        finally:
+            given.stop()
+
+
+def socket_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
