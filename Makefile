@@ -32,10 +32,11 @@ lint: install
 # Two test processes (pytest-xdist): most tests wait on real servers and processes, so two share the two
 # cores well (the whole suite takes about half the time of one process). Every fixture is per test or per
 # xdist worker (ports, temp dirs, the session's nats-server and PostgreSQL), so tests never share a server.
+# A test file stays in one process (--dist loadfile): its module fixtures (a running shop) are built once.
 TEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/pytest -n $(TEST_WORKERS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # wrk (Debian's), the HTTP load tool of the shop's e2e benchmark (benchmarks/shop_http.py), when missing.
 bench-tools:

@@ -11,6 +11,7 @@ loopback ports), so replicated streams and leader elections can be exercised on 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -160,18 +161,40 @@ class EmbeddedServer:
         """
         if self.process and self.process.poll() is None:
             return self
-        picked, picked_monitor = not self.port, self.monitor_port == 0
+        picked = self._picked()
         for attempt in range(1, _BIND_ATTEMPTS + 1):
             self.spawn()
             try:
                 self.wait_ready(ready_timeout_s)
                 return self
-            except PortTaken:
-                if not (picked or picked_monitor) or attempt == _BIND_ATTEMPTS:
-                    raise
-                self.port = 0 if picked else self.port
-                self.monitor_port = 0 if picked_monitor else self.monitor_port
+            except PortTaken as taken:
+                self._pick_again(taken, attempt, picked)
         return self  # not reached: the last attempt returned or raised
+
+    async def start_here(self, ready_timeout_s: float = 15.0) -> EmbeddedServer:
+        """:meth:`start` from an event loop: spawned on this (the loop's) thread, the one it is tied to,
+        and waited for in a worker thread."""
+        picked = self._picked()
+        for attempt in range(1, _BIND_ATTEMPTS + 1):
+            self.spawn()
+            try:
+                await asyncio.to_thread(self.wait_ready, ready_timeout_s)
+                return self
+            except PortTaken as taken:
+                self._pick_again(taken, attempt, picked)
+        return self  # not reached: the last attempt returned or raised
+
+    def _picked(self) -> tuple[bool, bool]:
+        """Which ports start picks (the client port, the monitoring port): only those may be picked again."""
+        return not self.port, self.monitor_port == 0
+
+    def _pick_again(self, taken: PortTaken, attempt: int, picked: tuple[bool, bool]) -> None:
+        if not any(picked) or attempt == _BIND_ATTEMPTS:
+            raise taken
+        if picked[0]:
+            self.port = 0
+        if picked[1]:
+            self.monitor_port = 0
 
     def spawn(self) -> None:
         """Start the process without waiting: the thread calling this is the one it is tied to."""

@@ -56,9 +56,8 @@ async def broker(cfg: Config) -> AsyncIterator[Config]:
         return
     server = EmbeddedServer(store_dir=Path(cfg.nats.store_dir), die_with_parent=True,
                             go_max_procs=cfg.nats.embedded_go_max_procs)
-    server.spawn()  # on the loop's (main) thread, which lives as long as the server should
     try:
-        await asyncio.to_thread(server.wait_ready)
+        await server.start_here()  # spawned on the loop's (main) thread, which lives as long as the server should
         log.info("embedded.started", url=server.url, pid=server.pid, store_dir=str(server.store_dir))
         yield cfg.model_copy(update={"nats": cfg.nats.model_copy(update={"url": server.url})})
     finally:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import orjson
 
 from engine.events import Event
-from handlers.database import Database, shared
+from handlers.database import Database, refused_data, shared
 from handlers.group_commit import GroupCommit
 from handlers.saga import PRODUCERS
 from handlers.schemas import AUDIT_SCHEMA
@@ -98,7 +98,7 @@ class PostgresAuditStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._commits: GroupCommit[AuditRecord, None] = GroupCommit(self._insert_group)
+        self._commits: GroupCommit[AuditRecord, None] = GroupCommit(self._insert_group, alone=refused_data)
 
     @classmethod
     async def open(cls, dsn: str) -> PostgresAuditStore:

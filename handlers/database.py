@@ -66,6 +66,13 @@ async def _reset(conn: asyncpg.Connection) -> None:
     """
 
 
+def refused_data(exc: Exception) -> bool:
+    """Whether PostgreSQL refused a statement for the data in it (SQLSTATE classes 22, data exception, and
+    23, integrity constraint violation): another statement without the offending row would succeed. A
+    lost connection, a timeout or a server shutting down is not that."""
+    return isinstance(exc, asyncpg.PostgresError) and str(getattr(exc, "sqlstate", ""))[:2] in ("22", "23")
+
+
 class DatabaseError(JetpoolError):
     """The shop's database cannot be found, started or migrated."""
 

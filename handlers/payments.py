@@ -1,9 +1,9 @@
 """Payments: charge an order once through the gateway, refund it when the stock is gone.
 
 Idempotent twice over: the ``payments`` bucket records the outcome per order id, so a redelivered
-OrderPlaced answers from the record without calling the gateway; and the gateway gets the order id as
-idempotency key, so a charge whose record was never written (the worker died, the response was lost),
-or a duplicate OrderPlaced on its first delivery, is replayed by the gateway instead of charged again.
+or duplicated OrderPlaced answers from the record without calling the gateway; and the gateway gets
+the order id as idempotency key, so a charge whose record was never written (the worker died, the
+response was lost) is replayed by the gateway instead of charged again.
 
 The gateway is its own HTTP service (:mod:`handlers.gateway`); each worker process calls it through
 one pooled client session (``settings.gateway``: ``connect_timeout_s``, ``timeout_s``,
@@ -50,11 +50,9 @@ async def charge(event: Event, ctx: Context) -> Event:
     """OrderPlaced → PaymentAuthorized | PaymentDeclined, charging at most once per order."""
     order = Order.from_event(event)
     payments = ctx.state("payments")
-    # A first delivery goes straight to the gateway: a duplicate of a charged order (a re-publish that
-    # JetStream did not deduplicate) gets the gateway's stored answer for its idempotency key and loses
-    # the record's creation to the first, so the read that would have spared it the call is only worth
-    # it where an earlier attempt may have charged.
-    record = None if ctx.attempt == 1 else (await payments.get(order.order_id))[0]
+    # Read even on a first delivery (unlike inventory's reservation): a duplicate OrderPlaced must not
+    # reach the gateway, whose idempotency keys a real card processor forgets after a day or so.
+    record, _ = await payments.get(order.order_id)
     if record is None:
         gateway = _gateway(ctx)
         result = await _through_breaker(ctx, gateway.charge, order.order_id, order.amount_cents,

@@ -28,7 +28,7 @@ class ServiceStartError(JetpoolError):
 
 
 class ExitedEarly(ServiceStartError):
-    """The service's process exited before it was ready (its port may have been taken meanwhile)."""
+    """The service's process exited before it was ready."""
 
 
 _START_ATTEMPTS = 3
@@ -59,7 +59,8 @@ class ServiceProcess:
         """Start it and wait until ``/ready`` answers 200.
 
         The port is free when picked, not necessarily when the child binds it: a child that exits before
-        it is ready is started again on a new port, up to three times in all.
+        it is ready while something else listens on its port is started again on a new port, up to three
+        times in all. Any other early exit fails at once.
         """
         for attempt in range(1, _START_ATTEMPTS + 1):
             port = _free_port()
@@ -72,7 +73,7 @@ class ServiceProcess:
                 self._wait_ready(ready_timeout_s)
                 return self
             except ExitedEarly:
-                if attempt == _START_ATTEMPTS:
+                if attempt == _START_ATTEMPTS or not _listening(port):
                     raise
             except BaseException:
                 self.stop()
@@ -103,6 +104,13 @@ class ServiceProcess:
                     return
             time.sleep(0.05)
         raise ServiceStartError(f"{self.what} at {self.url} was not ready within {timeout_s}s")
+
+
+def _listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port`` (our child has exited: someone else)."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _free_port() -> int:

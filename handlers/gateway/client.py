@@ -201,7 +201,8 @@ def gateway_for(settings: Mapping[str, Any], env: Mapping[str, str] | None = Non
     """This process's client of the gateway for these settings (built once per event loop, then reused).
 
     Called per payment with the service's own settings mapping: the same mapping, URL and loop as the
-    last call answer at once, without building the lookup key.
+    last call answer at once, without building the lookup key. So a mapping must not be changed in place
+    once used (a service's settings never are: they are read from its config once).
     """
     global _last
     url = gateway_url(settings, env)

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]  # ships no type information
 import orjson
 
-from handlers.database import Database
+from handlers.database import Database, refused_data
 from handlers.group_commit import GroupCommit
 from handlers.schemas import LEDGER_SCHEMA
 
@@ -121,7 +121,7 @@ class Ledger:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._charges: GroupCommit[_ChargeRequest, bool] = GroupCommit(self._claim_charges)
+        self._charges: GroupCommit[_ChargeRequest, bool] = GroupCommit(self._claim_charges, alone=refused_data)
 
     @classmethod
     async def open(cls, dsn: str, *, max_connections: int = 8) -> Ledger:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import urllib.request
@@ -60,10 +61,19 @@ def test_a_killed_supervisor_leaves_no_embedded_broker_behind(make_config: Calla
              detail=lambda: f"still running: {still_running(tree)}")
 
 
-def test_a_port_taken_before_the_server_binds_it_is_picked_again(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """free_port's port is free when picked, not when the server binds it: the server retries on new ports.
-    A port the caller chose is never changed: taken, the start fails and says so."""
+@pytest.mark.parametrize("how", ["start", "start_here"])
+def test_a_port_taken_before_the_server_binds_it_is_picked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  how: str) -> None:
+    """free_port's port is free when picked, not when the server binds it: the server retries on new ports
+    (``start``, and ``start_here``, which ``jetpool run``'s embedded broker uses). A port the caller chose
+    is never changed: taken, the start fails and says so."""
+
+    def start(server: embedded.EmbeddedServer) -> None:
+        if how == "start":
+            server.start()
+        else:
+            asyncio.run(server.start_here())
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -72,7 +82,7 @@ def test_a_port_taken_before_the_server_binds_it_is_picked_again(tmp_path: Path,
         monkeypatch.setattr(embedded, "free_port", lambda: next(picks, None) or socket_port())
         server = embedded.EmbeddedServer(store_dir=tmp_path / "a", monitor_port=0)
         try:
-            server.start()
+            start(server)
             assert server.port != port and server.monitor_port not in (None, 0, port)
             with urllib.request.urlopen(f"http://127.0.0.1:{server.monitor_port}/varz", timeout=5) as varz:
                 assert orjson.loads(varz.read())["port"] == server.port
@@ -82,7 +92,7 @@ def test_a_port_taken_before_the_server_binds_it_is_picked_again(tmp_path: Path,
         given = embedded.EmbeddedServer(store_dir=tmp_path / "b", port=port)
         try:
             with pytest.raises(embedded.PortTaken, match="address already in use"):
-                given.start()
+                start(given)
             assert given.port == port
         finally:
             given.stop()

@@ -1,14 +1,17 @@
 """The shop's helper processes (gateway, order API) start on a free port, and again on a new one when the
-child exits before it is ready (its port taken in between); stopped by PID."""
+child exits because that port was taken in between; any other early exit fails at once. Stopped by PID."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
+from handlers import service_process
 from handlers.service_process import ServiceProcess, ServiceStartError
 
 READY_SERVER = """
@@ -23,26 +26,40 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ready).serve_forever()
 """
 
 
-class Flaky(ServiceProcess):
-    """Exits at once the first ``failures`` times, then serves ``/ready``."""
+class Service(ServiceProcess):
+    """A child that serves ``/ready`` on its port, or (``broken``) exits at once."""
 
-    def __init__(self, failures: int) -> None:
-        super().__init__("a flaky service", None, os.environ, tied=False)
-        self.failures = failures
+    def __init__(self, broken: bool = False) -> None:
+        super().__init__("a test service", None, os.environ, tied=False)
+        self.broken = broken
         self.ports: list[int] = []
 
     def command(self, port: int) -> list[str]:
         self.ports.append(port)
-        if len(self.ports) <= self.failures:
+        if self.broken:
             return [sys.executable, "-c", "raise SystemExit(3)"]
         return [sys.executable, "-c", READY_SERVER, str(port)]
 
 
-def test_a_child_that_exits_before_it_is_ready_is_started_again_on_a_new_port() -> None:
-    service = Flaky(failures=2)
+@pytest.fixture
+def taken() -> Iterator[int]:
+    """A loopback port somebody else listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+def test_a_child_whose_port_was_taken_is_started_again_on_a_new_port(taken: int,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    free = service_process._free_port
+    picks = iter([taken, taken])
+    monkeypatch.setattr(service_process, "_free_port", lambda: next(picks, None) or free())
+    service = Service()
     try:
         service.start(ready_timeout_s=15)
-        assert len(service.ports) == 3 and service.url.endswith(f":{service.ports[-1]}")
+        assert service.ports[:2] == [taken, taken] and len(service.ports) == 3
+        assert service.url.endswith(f":{service.ports[-1]}")
         with urllib.request.urlopen(f"{service.url}/ready", timeout=5) as response:
             assert response.status == 200
     finally:
@@ -50,8 +67,16 @@ def test_a_child_that_exits_before_it_is_ready_is_started_again_on_a_new_port() 
     assert service.proc is not None and service.proc.poll() is not None
 
 
-def test_a_child_that_never_starts_fails_after_three_attempts() -> None:
-    service = Flaky(failures=10)
-    with pytest.raises(ServiceStartError, match="a flaky service exited with code 3"):
+def test_a_child_that_exits_for_another_reason_fails_at_once() -> None:
+    service = Service(broken=True)
+    with pytest.raises(ServiceStartError, match="a test service exited with code 3"):
         service.start(ready_timeout_s=15)
-    assert len(service.ports) == 3
+    assert len(service.ports) == 1
+
+
+def test_a_taken_port_three_times_fails(taken: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_process, "_free_port", lambda: taken)
+    service = Service()
+    with pytest.raises(ServiceStartError, match="exited with code 1"):
+        service.start(ready_timeout_s=15)
+    assert service.ports == [taken] * 3

@@ -92,3 +92,37 @@ def test_a_caller_that_gives_up_does_not_stop_the_others(cancelled: int) -> None
         return [r for r in done if isinstance(r, int)]
 
     assert len(asyncio.run(run())) == 2
+
+
+def test_an_error_that_is_not_one_items_fails_the_whole_group_at_once() -> None:
+    """A lost connection is every item's: writing each alone would only wait that much longer."""
+    calls: list[list[int]] = []
+
+    async def down(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        await asyncio.sleep(0.001)
+        raise ConnectionResetError("the database went away")
+
+    async def run() -> list[int | BaseException]:
+        commits = GroupCommit(down, alone=lambda exc: not isinstance(exc, ConnectionError))
+        return await asyncio.gather(*(commits.submit(i) for i in range(5)), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, ConnectionResetError) for r in results)
+    assert calls == [[0, 1, 2, 3, 4]]
+
+
+def test_a_cancelled_writer_leaves_nobody_waiting() -> None:
+    async def never(items: list[int]) -> list[int]:
+        await asyncio.Event().wait()
+        return items
+
+    async def run() -> list[int | BaseException]:
+        commits: GroupCommit[int, int] = GroupCommit(never)
+        waiting = [asyncio.create_task(commits.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert commits._writer is not None
+        commits._writer.cancel()
+        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+
+    assert all(isinstance(r, asyncio.CancelledError) for r in asyncio.run(run()))
