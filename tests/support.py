@@ -407,8 +407,9 @@ def assert_valid_exposition(text: str) -> None:
 
 
 def engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of an engine subprocess: no stray JETPOOL_* settings, tests importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JETPOOL")}
+    """The environment of an engine subprocess: no stray JETPOOL_* settings nor a metrics directory (each
+    engine makes its own, as a real run does, unless the test gives one), tests importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JETPOOL") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     # No PYTHONUNBUFFERED: line-buffered stderr writes each log line with one write(), so the
     # processes sharing the log file do not interleave inside a line.

@@ -119,7 +119,10 @@ def test_outcomes_in_flight_and_breakers_are_flushed_once_per_tick() -> None:
 
 
 def test_a_given_multiprocess_dir_is_emptied_and_exported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    # setenv first: monkeypatch then restores the variable as it was (absent) after prepare_multiprocess_dir
+    # sets it, instead of leaving it to the next test of this process (and to the engines it starts).
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     directory = tmp_path / "metrics"
     directory.mkdir()
     (directory / "counter_1234.db").write_bytes(b"left by an earlier run")
