@@ -42,7 +42,7 @@ async def _received(receiver: Any, subject: str, count: int, send: Callable[[], 
     sub = await receiver.subscribe(subject, cb=cb)
     await receiver.flush()
     await send()
-    await asyncio.wait_for(done.wait(), 5)
+    await asyncio.wait_for(done.wait(), 30)  # seconds on a quiet machine; generous for a loaded one
     await sub.unsubscribe()
     return got
 

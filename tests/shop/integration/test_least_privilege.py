@@ -225,7 +225,12 @@ def test_an_event_whose_body_claims_another_type_than_its_subject_is_dead_letter
     # payments and audit consume shop.OrderPlaced; inventory and audit shop.PaymentAuthorized.
     wait_for(lambda: (grew("dlq.orders"), grew("dlq.payments"), grew("dlq.inventory"), grew("dlq.audit")) ==
              (0, 1, 1, 2), 60, "one dead letter per consumer of each forgery", detail=run.tail)
-    failed = [r for r in run.records("event.failed") if "does not match subject" in r["reason"]]
+    def forgeries_logged() -> list[dict[str, Any]]:
+        return [r for r in run.records("event.failed") if "does not match subject" in r["reason"]]
+
+    # A worker logs the failure after its dead letter is stored (and audit lingers 20 ms between reads).
+    wait_for(lambda: len(forgeries_logged()) >= 4, 30, "the four failures logged", detail=run.tail)
+    failed = forgeries_logged()
     assert len(failed) == 4 and {r["outcome"] for r in failed} == {"dead_letter"}
     assert {r["attempt"] for r in failed} == {1}
     assert any("'StockReserved' does not match subject 'shop.OrderPlaced'" in r["reason"] for r in failed)
@@ -266,6 +271,10 @@ def test_json_nested_too_deep_is_rejected_and_the_audit_stores_the_rest_of_its_b
              "every genuine order audited", detail=run.tail)
     wait_for(lambda: counts(shop).get("dlq.audit", 0) == before.get("dlq.audit", 0) + 1, 30,
              "the deep event dead-lettered", detail=run.tail)
-    [failure] = [r for r in run.records("event.failed") if r.get("stream_seq") and "nested" in r["reason"]]
+    def nested() -> list[dict[str, Any]]:
+        return [r for r in run.records("event.failed") if r.get("stream_seq") and "nested" in r["reason"]]
+
+    wait_for(lambda: bool(nested()), 30, "the failure logged (after its dead letter)", detail=run.tail)
+    [failure] = nested()
     assert failure["reason"] == "MalformedEvent: body is nested deeper than 64 levels"
     assert failure["attempt"] == 1
