@@ -26,7 +26,11 @@ expected the same revision means another writer won (a true :class:`Conflict`); 
 key moved on twice since) cannot be told apart and raises :class:`~engine.errors.PublishTimeout`, so
 the handler's delivery is retried rather than a mutation applied twice.
 
-Direct gets need the bucket stream's ``allow_direct``: buckets are created with it
+A replicated bucket (R>1) never allows direct gets: a replica behind the leader would answer. It is
+read from its leader with ``$JS.API.STREAM.MSG.GET.KV_<bucket>`` (``{"last_by_subj": ...}``, a JSON answer
+with the message in base64, :func:`read_msg_get`) through the same inbox, with the same mapping.
+
+Direct gets need the bucket stream's ``allow_direct``: single-replica buckets are created with it
 (:func:`engine.state.open_buckets`) and ``jetpool provision`` turns it on for existing ones. A bucket
 opened without it (provisioned by an older jetpool, workers run with ``--no-provision``) is read through
 nats-py's ``KeyValue.get`` instead (the warning ``state.direct_get_off`` says which) and written on the
@@ -40,6 +44,8 @@ fall back to nats-py's subscription queue and ``Client.publish``; this module wo
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import itertools
 import os
@@ -97,6 +103,36 @@ def read_reply(msg: Any) -> Reply:
     return (int(code) if code.isdigit() else 0), fields, msg.data
 
 
+def read_msg_get(body: bytes) -> Reply:
+    """A ``$JS.API.STREAM.MSG.GET`` answer (JSON) as a direct get's :data:`Reply`.
+
+    ``{"message": {"seq", "hdrs", "data"}}`` (headers and body base64) -> ``(0, fields, data)`` with the
+    sequence in ``Nats-Sequence``, as a direct get gives it; ``{"error": {"code": 404, ...}}`` -> ``(404,
+    {}, b"")``; another error -> its code (503 while the stream elects a leader), the description in
+    ``Description``.
+
+    Raises:
+        ValueError: an answer that is not one of those.
+    """
+    answer = orjson.loads(body)
+    if not isinstance(answer, dict):
+        raise ValueError(f"not a JSON object: {body[:80]!r}")
+    error, message = answer.get("error"), answer.get("message")
+    if isinstance(error, dict):
+        code = error.get("code")
+        if not isinstance(code, int) or isinstance(code, bool):
+            raise ValueError(f"an error without a code: {body[:80]!r}")
+        return code, ({} if code == 404 else {"Description": str(error.get("description", ""))}), b""
+    if not isinstance(message, dict) or not isinstance(message.get("seq"), int):
+        raise ValueError(f"neither a message nor an error: {body[:80]!r}")
+    hdrs, data = message.get("hdrs") or "", message.get("data") or ""
+    if not isinstance(hdrs, str) or not isinstance(data, str):
+        raise ValueError(f"headers or data not base64 text: {body[:80]!r}")
+    fields = parse_headers(base64.b64decode(hdrs, validate=True))[1] if hdrs else {}
+    fields["Nats-Sequence"] = str(message["seq"])
+    return 0, fields, base64.b64decode(data, validate=True)
+
+
 def valid_key(key: str) -> bool:
     """nats-py's rule for KV keys (a space or a wildcard in a subject would break the protocol)."""
     return bool(key) and key[0] != "." and key[-1] != "." and key.isascii() and all(
@@ -146,27 +182,36 @@ class DirectGets:
                 await self._sub.unsubscribe()
 
     async def last(self, stream: str, subject: str) -> Reply:
-        """The last message of ``subject`` in ``stream``; 503s retried with backoff within ``retry_s``."""
-        request = f"$JS.API.DIRECT.GET.{stream}.{subject}"
+        """The last message of ``subject`` in ``stream``, from any replica (a direct get); 503s retried with
+        backoff within ``retry_s``."""
+        return await self._retried(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", stream, subject)
+
+    async def last_from_leader(self, stream: str, subject: str) -> Reply:
+        """The last message of ``subject`` in ``stream``, from the stream's leader (``STREAM.MSG.GET``):
+        what a replicated stream must be read with, so a read never misses a write; 503s retried."""
+        body = orjson.dumps({"last_by_subj": subject})
+        return await self._retried(f"$JS.API.STREAM.MSG.GET.{stream}", body, stream, subject)
+
+    async def _retried(self, request: str, body: bytes, stream: str, subject: str) -> Reply:
         started = self._loop.time()
         for tries in itertools.count(1):
-            reply = await self._ask(request)
+            reply = await self._ask(request, body)
             if reply[0] != 503:
                 return reply
             delay = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
             if self._loop.time() + delay - started >= self._retry_s:
                 break
             await asyncio.sleep(delay)
-        raise BrokerError(f"direct get of {subject} in {stream}: no stream answered (503) for {self._retry_s}s: "
-                          "is the bucket there, with allow_direct?")
+        raise BrokerError(f"read of {subject} in {stream}: no stream answered (503) for {self._retry_s}s: "
+                          "is the bucket there (with allow_direct, for a direct get)?")
 
-    async def _ask(self, request: str) -> Reply:
+    async def _ask(self, request: str, body: bytes) -> Reply:
         reply = self._inbox + str(next(self._seq))
         future: asyncio.Future[Reply] = self._loop.create_future()
         self._pending[reply] = (future, self._loop.time() + self._timeout_s)
         try:
-            if not self._out.write(request, b"", reply):
-                await self._out.publish(request, b"", reply)
+            if not self._out.write(request, body, reply):
+                await self._out.publish(request, body, reply)
             return await future
         finally:
             self._pending.pop(reply, None)  # answered already, or cancelled / failed: not to be swept
@@ -177,8 +222,10 @@ class DirectGets:
             return
         try:
             reply = read_reply(msg)
-        except ValueError as exc:  # headers that do not decode: off the books now, so fail the read here
-            entry[0].set_exception(BrokerError(f"direct get: an answer that cannot be read: {exc!r}"))
+            if reply[0] == 0 and not reply[1]:  # no header at all: a JSON API answer (STREAM.MSG.GET)
+                reply = read_msg_get(reply[2])
+        except (ValueError, binascii.Error) as exc:  # off the books now, so fail the read here
+            entry[0].set_exception(BrokerError(f"state read: an answer that cannot be read: {exc!r}"))
             return
         entry[0].set_result(reply)
 
@@ -205,13 +252,17 @@ class FastKV(RevisionCache):
         gets: the connection's direct gets; None reads through ``kv`` (a bucket without allow_direct).
         publisher: the worker's publisher (its ``capture`` is told about the bucket's subjects).
         kv: nats-py's ``KeyValue`` of the bucket, for reads when ``gets`` is None.
+        leader: read from the stream's leader (``STREAM.MSG.GET`` through ``gets``' inbox), not with
+            direct gets: a replicated bucket's.
     """
 
     def __init__(self, bucket: str, gets: DirectGets | None, publisher: Publisher, kv: Any = None,
-                 remember: int = 4096) -> None:
+                 remember: int = 4096, *, leader: bool = False) -> None:
         super().__init__(remember)
         self.bucket = bucket
         self._gets = gets
+        self._leader = leader
+        self._read = None if gets is None else gets.last_from_leader if leader else gets.last
         self._publisher = publisher
         self._kv = kv
         self._stream = f"KV_{bucket}"
@@ -222,15 +273,20 @@ class FastKV(RevisionCache):
 
     @property
     def direct(self) -> bool:
-        """Whether reads are direct gets (else nats-py's ``KeyValue.get``)."""
-        return self._gets is not None
+        """Whether reads are direct gets (else leader reads, or nats-py's ``KeyValue.get``)."""
+        return self._read is not None and not self._leader
+
+    @property
+    def fast_reads(self) -> bool:
+        """Whether reads go through the connection's own inbox (direct gets or leader reads)."""
+        return self._read is not None
 
     async def _last(self, key: str) -> Reply:
         """The key's last message (a 404 status when it has none)."""
         if not valid_key(key):
             raise InvalidKeyError(key)
-        if self._gets is not None:
-            return await self._gets.last(self._stream, self._pre + key)
+        if self._read is not None:
+            return await self._read(self._stream, self._pre + key)
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError as missing:
@@ -338,7 +394,7 @@ class KVClient:
         if not direct_gets_for(replicas):
             log.info("state.leader_reads", bucket=bucket, replicas=replicas,
                      hint="a replicated bucket is read from its leader, so a read never misses a write")
-        else:
-            log.warning("state.direct_get_off", bucket=bucket,
-                        hint="reads go through nats-py's KeyValue.get; run 'jetpool provision' to allow direct gets")
+            return FastKV(bucket, self.gets, self._publisher, kv, leader=True)
+        log.warning("state.direct_get_off", bucket=bucket,
+                    hint="reads go through nats-py's KeyValue.get; run 'jetpool provision' to allow direct gets")
         return FastKV(bucket, None, self._publisher, kv)
