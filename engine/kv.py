@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import itertools
 import os
@@ -155,8 +154,8 @@ class DirectGets:
         self._retry_s = retry_s
         self._inbox = nc.new_inbox() + "."
         self._seq = itertools.count(1)
-        # reply subject -> (future, deadline); insertion order is deadline order.
-        self._pending: dict[str, tuple[asyncio.Future[Reply], float]] = {}
+        # reply subject -> (future, deadline, whether the answer is JSON); insertion order is deadline order.
+        self._pending: dict[str, tuple[asyncio.Future[Reply], float, bool]] = {}
         self._sub: Any = None
         self._sweeper: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -174,7 +173,7 @@ class DirectGets:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         pending, self._pending = self._pending, {}
-        for future, _ in pending.values():
+        for future, _, _ in pending.values():
             if not future.done():
                 future.set_exception(BrokerError("direct gets stopped before the answer came"))
         if self._sub is not None:
@@ -184,18 +183,18 @@ class DirectGets:
     async def last(self, stream: str, subject: str) -> Reply:
         """The last message of ``subject`` in ``stream``, from any replica (a direct get); 503s retried with
         backoff within ``retry_s``."""
-        return await self._retried(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", stream, subject)
+        return await self._retried(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", False, stream, subject)
 
     async def last_from_leader(self, stream: str, subject: str) -> Reply:
         """The last message of ``subject`` in ``stream``, from the stream's leader (``STREAM.MSG.GET``):
         what a replicated stream must be read with, so a read never misses a write; 503s retried."""
         body = orjson.dumps({"last_by_subj": subject})
-        return await self._retried(f"$JS.API.STREAM.MSG.GET.{stream}", body, stream, subject)
+        return await self._retried(f"$JS.API.STREAM.MSG.GET.{stream}", body, True, stream, subject)
 
-    async def _retried(self, request: str, body: bytes, stream: str, subject: str) -> Reply:
+    async def _retried(self, request: str, body: bytes, json: bool, stream: str, subject: str) -> Reply:
         started = self._loop.time()
         for tries in itertools.count(1):
-            reply = await self._ask(request, body)
+            reply = await self._ask(request, body, json)
             if reply[0] != 503:
                 return reply
             delay = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
@@ -205,10 +204,10 @@ class DirectGets:
         raise BrokerError(f"read of {subject} in {stream}: no stream answered (503) for {self._retry_s}s: "
                           "is the bucket there (with allow_direct, for a direct get)?")
 
-    async def _ask(self, request: str, body: bytes) -> Reply:
+    async def _ask(self, request: str, body: bytes, json: bool) -> Reply:
         reply = self._inbox + str(next(self._seq))
         future: asyncio.Future[Reply] = self._loop.create_future()
-        self._pending[reply] = (future, self._loop.time() + self._timeout_s)
+        self._pending[reply] = (future, self._loop.time() + self._timeout_s, json)
         try:
             if not self._out.write(request, body, reply):
                 await self._out.publish(request, body, reply)
@@ -222,9 +221,9 @@ class DirectGets:
             return
         try:
             reply = read_reply(msg)
-            if reply[0] == 0 and not reply[1]:  # no header at all: a JSON API answer (STREAM.MSG.GET)
+            if entry[2] and reply[0] == 0:  # a leader read's JSON answer (a 503 comes as a status, no body)
                 reply = read_msg_get(reply[2])
-        except (ValueError, binascii.Error) as exc:  # off the books now, so fail the read here
+        except ValueError as exc:  # base64's errors too; off the books now, so fail the read here
             entry[0].set_exception(BrokerError(f"state read: an answer that cannot be read: {exc!r}"))
             return
         entry[0].set_result(reply)
@@ -234,12 +233,12 @@ class DirectGets:
             await asyncio.sleep(_SWEEP_INTERVAL_S)
             now = self._loop.time()
             expired = []
-            for reply, (_, deadline) in self._pending.items():
+            for reply, (_, deadline, _) in self._pending.items():
                 if deadline > now:
                     break
                 expired.append(reply)
             for reply in expired:
-                future, _ = self._pending.pop(reply)
+                future, _, _ = self._pending.pop(reply)
                 if not future.done():
                     future.set_exception(PublishTimeout(f"no answer to a direct get within {self._timeout_s}s"))
 
@@ -260,7 +259,6 @@ class FastKV(RevisionCache):
                  remember: int = 4096, *, leader: bool = False) -> None:
         super().__init__(remember)
         self.bucket = bucket
-        self._gets = gets
         self._leader = leader
         self._read = None if gets is None else gets.last_from_leader if leader else gets.last
         self._publisher = publisher
