@@ -22,7 +22,6 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import orjson
 
 from engine.errors import BrokerError
 from engine.lifeline import die_with_parent
+from engine.ports import free_port, free_ports
 
 
 def find_nats_server() -> str:
@@ -55,20 +55,6 @@ class PortTaken(BrokerError):
     """The server exited because one of its ports was taken before it could bind it."""
 
 
-def free_port() -> int:
-    """Ask the kernel for a free loopback TCP port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (all sockets held open together, so none repeats)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def go_max_procs(configured: int | None) -> int:

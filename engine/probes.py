@@ -31,7 +31,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.config import Config
 from engine.connection import connect
-from engine.embedded import free_port
 from engine.metrics import (
     CONSUMER_ACK_PENDING,
     CONSUMER_PENDING,
@@ -39,6 +38,7 @@ from engine.metrics import (
     SUPERVISOR_REGISTRY,
     WORKERS_READY,
 )
+from engine.ports import free_port
 from engine.worker import BEAT, READY
 
 log = structlog.get_logger("jetpool.http")

@@ -21,6 +21,7 @@ from typing import Self
 
 from engine.errors import JetpoolError
 from engine.lifeline import die_with_parent
+from engine.ports import free_port
 
 
 class ServiceStartError(JetpoolError):
@@ -63,7 +64,7 @@ class ServiceProcess:
         times in all. Any other early exit fails at once.
         """
         for attempt in range(1, _START_ATTEMPTS + 1):
-            port = _free_port()
+            port = free_port()
             preexec = die_with_parent(signal.SIGTERM) if self.tied else None
             with open(self.log_path or os.devnull, "ab") as out:
                 self.proc = subprocess.Popen(self.command(port), env=self.env, stdout=out, stderr=out,
@@ -111,9 +112,3 @@ def _listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -7,7 +7,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from engine.embedded import free_port
+from engine.ports import free_port
 from tests.support import App, Engine, wait_for
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.embedded import EmbeddedServer, free_port
+from engine.embedded import EmbeddedServer
 from engine.metrics import EXPORTED_METRICS
+from engine.ports import free_port
 from tests.support import (
     HANDLERS,
     App,

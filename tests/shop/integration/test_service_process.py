@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from engine import ports
 from handlers import service_process
 from handlers.service_process import ServiceProcess, ServiceStartError
 
@@ -52,9 +53,8 @@ def taken() -> Iterator[int]:
 
 def test_a_child_whose_port_was_taken_is_started_again_on_a_new_port(taken: int,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    free = service_process._free_port
     picks = iter([taken, taken])
-    monkeypatch.setattr(service_process, "_free_port", lambda: next(picks, None) or free())
+    monkeypatch.setattr(service_process, "free_port", lambda: next(picks, None) or ports.free_port())
     service = Service()
     try:
         service.start(ready_timeout_s=15)
@@ -75,7 +75,7 @@ def test_a_child_that_exits_for_another_reason_fails_at_once() -> None:
 
 
 def test_a_taken_port_three_times_fails(taken: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service_process, "_free_port", lambda: taken)
+    monkeypatch.setattr(service_process, "free_port", lambda: taken)
     service = Service()
     with pytest.raises(ServiceStartError, match="exited with code 1"):
         service.start(ready_timeout_s=15)
