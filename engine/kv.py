@@ -160,6 +160,11 @@ class DirectGets:
         self._sweeper: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
 
+    @property
+    def pending(self) -> int:
+        """Reads waiting for their answer."""
+        return len(self._pending)
+
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox + "*", cb=self._on_reply, pending_msgs_limit=0,
                                              pending_bytes_limit=0)

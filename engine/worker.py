@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,7 +145,7 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     gc.freeze()
     await consumer.start()
     consumers.append(consumer)
-    lingering = _start_linger(cfg.services[service].linger_ms)
+    lingering = _start_linger(cfg.services[service].linger_ms, lambda: publisher.pending + state.gets.pending)
     log.info("worker.started", cpu=spec.cpu)
     status[STARTED] = time.time()
     await _wait_for_stop(shutdown, local_stop, lost, consumer, nc, status)
@@ -171,12 +172,15 @@ async def run_worker(spec: WorkerSpec, shutdown: Any, status: Any) -> int:
     return 0
 
 
-def _start_linger(linger_ms: float) -> asyncio.Task[None] | None:
-    """The service's linger (engine/linger.py) as a task of this loop, or None when it is off."""
+def _start_linger(linger_ms: float, answers_due: Callable[[], int]) -> asyncio.Task[None] | None:
+    """The service's linger (engine/linger.py) as a task of this loop, or None when it is off.
+
+    ``answers_due``: the broker answers the worker waits for (PubAcks, KV reads); no linger starts
+    before they are in."""
     if not linger_ms:
         return None
     log.info("worker.linger", linger_ms=linger_ms)
-    return asyncio.get_running_loop().create_task(linger(linger_ms / 1000))
+    return asyncio.get_running_loop().create_task(linger(linger_ms / 1000, answers_due=answers_due))
 
 
 async def open_resources(nc: Any, cfg: Config, service: str, state: KVClient | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -66,3 +67,38 @@ def test_a_process_with_nothing_to_do_stops_lingering(monkeypatch: pytest.Monkey
 
     asyncio.run(run())
     assert len(pauses) == lingering.DORMANT_AFTER - 1  # then dormant: no more pauses
+
+
+def _lingering(monkeypatch: pytest.MonkeyPatch, answers_due: Callable[[], int], windows: int = 12) -> list[str]:
+    """What a mostly idle worker's linger did, in order: ``due N`` (it asked how many answers are due,
+    N came back) and ``sleep`` (it lingered)."""
+    events: list[str] = []
+    monkeypatch.setattr(lingering, "idle", lambda cpu, wall: False)
+    monkeypatch.setattr(lingering, "should_linger", lambda cpu, wall: True)
+    monkeypatch.setattr(time, "sleep", lambda s: events.append("sleep"))
+
+    def due() -> int:
+        n = answers_due()
+        events.append(f"due {n}")
+        return n
+
+    async def run() -> None:
+        task = asyncio.get_running_loop().create_task(linger(0.2, answers_due=due))
+        while events.count("sleep") < windows:
+            await asyncio.sleep(0.001)
+        task.cancel()
+
+    asyncio.run(run())
+    return events
+
+
+def test_no_linger_starts_while_broker_answers_are_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A handler awaits a read, then a write and an output's PubAck: each answer takes a fraction of a ms.
+    answers = iter([1, 2])
+    events = _lingering(monkeypatch, lambda: next(answers, 0), windows=3)
+    assert events == ["due 1", "due 2", "due 0", "sleep", "due 0", "sleep", "due 0", "sleep"]
+
+
+def test_answers_that_never_come_hold_a_linger_back_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    events = _lingering(monkeypatch, lambda: 3, windows=3)
+    assert events == (["due 3"] * lingering.MAX_EXTRA + ["sleep"]) * 3
