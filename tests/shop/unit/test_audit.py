@@ -6,8 +6,10 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from handlers import audit, notifications
-from handlers.audit_store import AuditRecord, SqliteAuditStore
+import pytest
+
+from handlers import audit, audit_store, notifications
+from handlers.audit_store import AuditRecord, AuditStore, SqliteAuditStore
 from handlers.saga import Order
 from tests.shop_support import context, order_placed
 
@@ -83,3 +85,30 @@ def test_notifications_answer_the_same_for_the_same_event() -> None:
     assert first.type == "NotificationSent" and first.data == again.data
     assert first.data["template"] == "order_confirmed" and first.data["idempotency_key"] == confirmed.id
     assert asyncio.run(notifications.notify(cancelled, ctx)).data["template"] == "order_cancelled"
+
+
+def test_the_store_is_found_once_per_settings_mapping_and_loop(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per event, the service's own settings answer from the last lookup; other settings, a new loop: looked up."""
+    a = {"db_path": str(tmp_path / "a.sqlite")}
+    b = {"db_path": str(tmp_path / "b.sqlite")}
+    lookups: list[str] = []
+    open_store = audit_store.open_store
+
+    def counted(path: str) -> AuditStore:
+        lookups.append(Path(path).name)
+        return open_store(path)
+
+    monkeypatch.setattr(audit, "open_store", counted)
+
+    async def go() -> None:
+        first = await audit.store_for(a)
+        assert await audit.store_for(a) is first
+        other = await audit.store_for(b)
+        assert isinstance(other, SqliteAuditStore) and other.path == Path(b["db_path"])
+        assert await audit.store_for(a) is first  # the process's store for that file
+
+    asyncio.run(go())
+    assert lookups == ["a.sqlite", "b.sqlite", "a.sqlite"]
+    asyncio.run(go())  # a new loop: the last loop's answer is not reused
+    assert lookups == ["a.sqlite", "b.sqlite", "a.sqlite"] * 2
