@@ -18,6 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
+from benchmarks import shop_hops
 from benchmarks.shop_cpu import CpuSizes, kind_of, report
 from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_e2e, sustained_point
 from handlers.tools.load import Summary
@@ -118,3 +119,23 @@ def test_sustained_is_the_fastest_point_that_kept_up() -> None:
     kept, overloaded = point(282, 281), point(705, 574)
     assert sustained_point([point(141, 141), kept, point(423, 297), overloaded]) == kept
     assert sustained_point([point(423, 297), overloaded]) == overloaded  # none kept up: the fastest
+
+
+def test_hops_are_measured_from_each_orders_own_events() -> None:
+    times = {
+        "o-1": {"OrderPlaced": 10.0, "PaymentAuthorized": 10.020, "StockReserved": 10.030,
+                "OrderConfirmed": 10.035, "NotificationSent": 10.050},
+        "o-2": {"OrderPlaced": 20.0, "PaymentDeclined": 20.010, "OrderCancelled": 20.014},
+        "o-3": {"OrderPlaced": 30.0},  # not ended: in no hop
+    }
+    found = {hop.start[0]: [round(ms) for ms in hop.ms] for hop in shop_hops.hops(times)}
+    assert found == {"OrderPlaced": [20, 10], "PaymentAuthorized": [10], "OutOfStock": [],
+                     "StockReserved": [5, 4], "OrderConfirmed": [15]}
+    assert shop_hops.percentile([5.0, 1.0, 3.0], 0.5) == 3.0
+
+
+def test_the_hops_benchmark_runs() -> None:
+    tables = shop_hops.run([100.0], 1.5, Console(file=io.StringIO()), warmup=20)
+    assert len(tables) == 1 and "| OrderPlaced → PaymentAuthorized / PaymentDeclined |" in tables[0]
+    first = next(line for line in tables[0].splitlines() if line.startswith("| OrderPlaced"))
+    assert int(first.split("|")[2]) > 0  # orders were measured on that hop
