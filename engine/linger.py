@@ -38,6 +38,10 @@ IDLE = 0.05  # busy for less than this share: nothing arrived
 DORMANT_AFTER = 4  # empty windows in a row (about 20 ms at 4 ms) before lingering stops until work comes
 DORMANT_S = 0.05  # how often a dormant worker looks whether work came (it handles it at once regardless)
 MAX_EXTRA = 3  # awake windows at most spent waiting for the broker's due answers before a linger
+# Loop passes before answers due are counted: an answer that just came resumes its handler only in the
+# next pass, where it may send the next request (an output after a write's PubAck); counted before
+# that, nothing would look due and the request would wait out a whole linger.
+SETTLE_PASSES = 2
 
 
 def should_linger(cpu_s: float, wall_s: float) -> bool:
@@ -76,6 +80,8 @@ async def linger(linger_s: float, awake_s: float = AWAKE_S, answers_due: Callabl
 
 async def _await_answers(answers_due: Callable[[], int], awake_s: float) -> None:
     for _ in range(MAX_EXTRA):
+        for _ in range(SETTLE_PASSES):
+            await asyncio.sleep(0)
         if not answers_due():
             return
         await asyncio.sleep(awake_s)

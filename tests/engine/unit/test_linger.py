@@ -102,3 +102,38 @@ def test_no_linger_starts_while_broker_answers_are_due(monkeypatch: pytest.Monke
 def test_answers_that_never_come_hold_a_linger_back_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
     events = _lingering(monkeypatch, lambda: 3, windows=3)
     assert events == (["due 3"] * lingering.MAX_EXTRA + ["sleep"]) * 3
+
+
+def test_a_handler_an_answer_resumes_is_given_its_next_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer read in the window resumes its handler only in the next loop pass, where it sends its
+    output; due answers are counted after that pass, or the output would wait out a whole linger."""
+    events: list[str] = []
+    due = [0]
+    monkeypatch.setattr(lingering, "idle", lambda cpu, wall: False)
+    monkeypatch.setattr(time, "sleep", lambda s: events.append("sleep"))
+
+    def mostly_idle(cpu: float, wall: float) -> bool:
+        loop = asyncio.get_running_loop()
+
+        def send_output() -> None:  # the resumed handler: its output's PubAck comes 0.5 ms later
+            due[0] = 1
+            loop.call_later(0.0005, lambda: due.__setitem__(0, 0))
+
+        if not events:
+            loop.call_soon(send_output)
+        return True
+
+    monkeypatch.setattr(lingering, "should_linger", mostly_idle)
+
+    def counted() -> int:
+        events.append(f"due {due[0]}")
+        return due[0]
+
+    async def run() -> None:
+        task = asyncio.get_running_loop().create_task(linger(0.2, answers_due=counted))
+        while "sleep" not in events:
+            await asyncio.sleep(0.001)
+        task.cancel()
+
+    asyncio.run(run())
+    assert events == ["due 1", "due 0", "sleep"]
