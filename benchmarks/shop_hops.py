@@ -49,6 +49,7 @@ class Hop:
     ms: list[float]
 
     def line(self) -> str:
+        """The hop as a row of :func:`table`."""
         cells = [f"{' / '.join(self.start)} → {' / '.join(self.end)}", str(len(self.ms)),
                  *(f"{percentile(self.ms, q):.0f}" for q in (0.5, 0.9, 0.99))]
         return "| " + " | ".join(cells) + " |"
@@ -80,7 +81,9 @@ async def event_times(dsn: str, since: float) -> dict[str, dict[str, float]]:
     """Order id → event type → the event's timestamp (epoch s), for orders placed at or after ``since``."""
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch("SELECT order_id, type, timestamp FROM audit.events")
+        # Complete by now: the load's own check waited for every event of the orders that ended.
+        rows = await conn.fetch("SELECT order_id, type, timestamp FROM audit.events WHERE occurred_at >= "
+                                "to_timestamp($1) ORDER BY stream_seq", since)
     finally:
         await conn.close()
     times: dict[str, dict[str, float]] = {}
@@ -90,6 +93,7 @@ async def event_times(dsn: str, since: float) -> dict[str, dict[str, float]]:
 
 
 def table(rate: float, found: list[Hop], p50_ms: float, p99_ms: float) -> str:
+    """Markdown: the rate's whole path as the load saw it, then its hops."""
     lines = [f"Offered {rate:g} orders/s; placed → ended (the load's clock): p50 {p50_ms:.0f} ms, p99 {p99_ms:.0f} ms.",
              "", "| hop | orders | p50 ms | p90 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
     return "\n".join(lines + [hop.line() for hop in found])

@@ -55,8 +55,6 @@ class PortTaken(BrokerError):
     """The server exited because one of its ports was taken before it could bind it."""
 
 
-
-
 def go_max_procs(configured: int | None) -> int:
     """The GOMAXPROCS an embedded server gets (0: leave it to Go).
 

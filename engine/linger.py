@@ -22,7 +22,8 @@ other services (HTTP) are not waited for: they take milliseconds, and their answ
 Only a mostly idle worker lingers: after an awake window in which the process was busy for more than
 half the time (a backlog, a burst), it goes on without a pause, so a backlog is never slowed; and a
 worker with nothing at all to do stops lingering until work comes back, so idling costs nothing extra. The
-price is latency: up to ``linger_ms`` per hop of an event's path (and per request a handler waits for),
+price is latency: up to ``linger_ms`` per hop of an event's path (and per call to another service a handler
+waits for),
 which is why it is off by default and set per service, within the app's latency budget.
 """
 
@@ -80,11 +81,16 @@ async def linger(linger_s: float, awake_s: float = AWAKE_S, answers_due: Callabl
 
 async def _await_answers(answers_due: Callable[[], int], awake_s: float) -> None:
     for _ in range(MAX_EXTRA):
-        for _ in range(SETTLE_PASSES):
-            await asyncio.sleep(0)
+        await _settle()
         if not answers_due():
             return
         await asyncio.sleep(awake_s)
+    await _settle()  # given up waiting: still let the last window's resumed handlers send what they send
+
+
+async def _settle() -> None:
+    for _ in range(SETTLE_PASSES):
+        await asyncio.sleep(0)
 
 
 def _none_due() -> int:

@@ -4,8 +4,9 @@ A port asked of the kernel with ``bind(0)`` comes from the ephemeral range, the 
 connection on the machine draws its local port from. A server that is stopped and started again on
 "its" port (a broker restarted under its clients, a cluster node) can then find the port taken by some
 client's connection made meanwhile, and exit on "address already in use". Ports below that range are
-never handed out implicitly, so only another explicit bind can take one; each pick is checked by
-binding it, and a random start keeps two processes picking at once from colliding.
+never handed out implicitly, so only another explicit bind can take one. Each pick is checked by
+binding it; picks are random, so two processes picking at once rarely collide (and a server that picked
+its own port starts again on a new one when it does).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 LOWEST = 10_000  # below: well-known and registered services crowd the space
+HIGHEST_BELOW = 30_000  # Kubernetes NodePorts (30000-32767) may be redirected on loopback with no socket bound
 _TRIES = 200
 _RANDOM = random.SystemRandom()  # not the global generator: a test that seeds it must not make picks repeat
 
@@ -33,8 +35,9 @@ def ephemeral_range() -> tuple[int, int]:
 def candidates(ephemeral: tuple[int, int]) -> range | None:
     """The ports to pick from: below the ephemeral range, else above it; None when neither is wide enough."""
     low, high = ephemeral
-    if low - LOWEST >= 1000:
-        return range(LOWEST, low)
+    below = min(low, HIGHEST_BELOW)
+    if below - LOWEST >= 1000:
+        return range(LOWEST, below)
     if 65535 - high >= 1000:
         return range(high + 1, 65536)
     return None

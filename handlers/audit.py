@@ -10,13 +10,12 @@ needed; ``db_path`` (a SQLite file) keeps the trail in that file instead, for a 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 from typing import Any
 
 from engine import Context, Event
 from handlers.audit_store import AuditRecord, AuditStore, open_store, shared_store
-from handlers.database import DATABASE_URL_ENV
+from handlers.database import configured_url
 
 DEFAULT_DB_PATH = ".jetpool/audit.sqlite"  # the SQLite file's usual place, for a config that wants one
 
@@ -35,15 +34,18 @@ async def store_for(settings: Mapping[str, Any]) -> AuditStore:
 
     Called per event with the service's own settings mapping: the same mapping, configured database
     and loop as the last call answer at once (finding the shared database costs a chain of coroutines
-    and was a tenth of the audit worker's time). A service's settings are never changed in place.
+    and was a tenth of the audit worker's time). A service's settings are never changed in place. Without
+    a configured database (the embedded server's address is read from its data directory, and may move
+    when it restarts) every call looks it up, as before.
     """
     global _last
-    configured, loop = os.environ.get(DATABASE_URL_ENV), asyncio.get_running_loop()
+    configured, loop = configured_url(), asyncio.get_running_loop()
     last = _last
     if last is not None and last[0] is settings and last[1] == configured and last[2] is loop:
         return last[3]
     store = open_store(str(settings["db_path"])) if "db_path" in settings else await shared_store()
-    _last = (settings, configured, loop, store)
+    if configured is not None or "db_path" in settings:
+        _last = (settings, configured, loop, store)
     return store
 
 

@@ -177,14 +177,18 @@ def _failed(opening: asyncio.Task[Database]) -> bool:
     return opening.done() and (opening.cancelled() or opening.exception() is not None)
 
 
+def configured_url(env: Mapping[str, str] | None = None) -> str | None:
+    """The DSN ``JETPOOL_SHOP_DATABASE_URL`` names (the shop's commands export it to their processes), or None."""
+    return (os.environ if env is None else env).get(DATABASE_URL_ENV) or None
+
+
 def database_url(env: Mapping[str, str] | None = None) -> str:
     """The DSN of the shop's database: the configured one, else the running embedded server's.
 
     Raises:
         DatabaseError: no DSN is configured and no embedded server runs on the default data directory.
     """
-    env = os.environ if env is None else env
-    dsn = env.get(DATABASE_URL_ENV)
+    dsn = configured_url(env)
     if dsn:
         return dsn
     running = EmbeddedPostgres(DEFAULT_DATA_DIR).running()

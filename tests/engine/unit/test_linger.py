@@ -105,8 +105,9 @@ def test_answers_that_never_come_hold_a_linger_back_only_so_long(monkeypatch: py
 
 
 def test_a_handler_an_answer_resumes_is_given_its_next_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An answer read in the window resumes its handler only in the next loop pass, where it sends its
-    output; due answers are counted after that pass, or the output would wait out a whole linger."""
+    """An answer read in the window resumes its handler two loop passes later (the read loop's callback,
+    then the handler's task), where it sends its output; due answers are counted after those passes, or
+    the output would wait out a whole linger."""
     events: list[str] = []
     due = [0]
     monkeypatch.setattr(lingering, "idle", lambda cpu, wall: False)
@@ -119,8 +120,8 @@ def test_a_handler_an_answer_resumes_is_given_its_next_request(monkeypatch: pyte
             due[0] = 1
             loop.call_later(0.0005, lambda: due.__setitem__(0, 0))
 
-        if not events:
-            loop.call_soon(send_output)
+        if not events:  # an answer was just read: the read loop resumes the handler, which sends
+            loop.call_soon(lambda: loop.call_soon(send_output))
         return True
 
     monkeypatch.setattr(lingering, "should_linger", mostly_idle)

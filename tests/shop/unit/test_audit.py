@@ -10,6 +10,7 @@ import pytest
 
 from handlers import audit, audit_store, notifications
 from handlers.audit_store import AuditRecord, AuditStore, SqliteAuditStore
+from handlers.database import DATABASE_URL_ENV
 from handlers.saga import Order
 from tests.shop_support import context, order_placed
 
@@ -92,6 +93,7 @@ def test_the_store_is_found_once_per_settings_mapping_and_loop(tmp_path: Path,
     """Per event, the service's own settings answer from the last lookup; other settings, a new loop: looked up."""
     a = {"db_path": str(tmp_path / "a.sqlite")}
     b = {"db_path": str(tmp_path / "b.sqlite")}
+    monkeypatch.setattr(audit, "_last", None)  # restored afterwards: no loop of this test stays behind
     lookups: list[str] = []
     open_store = audit_store.open_store
 
@@ -112,3 +114,30 @@ def test_the_store_is_found_once_per_settings_mapping_and_loop(tmp_path: Path,
     assert lookups == ["a.sqlite", "b.sqlite", "a.sqlite"]
     asyncio.run(go())  # a new loop: the last loop's answer is not reused
     assert lookups == ["a.sqlite", "b.sqlite", "a.sqlite"] * 2
+
+
+def test_without_a_configured_database_the_shared_store_is_looked_up_each_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded server's address comes from its data directory and may move when it restarts: only a
+    configured DSN is remembered."""
+    monkeypatch.setattr(audit, "_last", None)
+    lookups: list[int] = []
+    store = SqliteAuditStore.__new__(SqliteAuditStore)  # a stand-in: never used, only handed back
+
+    async def shared_store() -> AuditStore:
+        lookups.append(1)
+        return store
+
+    monkeypatch.setattr(audit, "shared_store", shared_store)
+    settings: dict[str, str] = {}
+
+    async def twice() -> None:
+        assert await audit.store_for(settings) is store
+        assert await audit.store_for(settings) is store
+
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    asyncio.run(twice())
+    assert len(lookups) == 2
+    monkeypatch.setenv(DATABASE_URL_ENV, "postgresql://127.0.0.1:1/shop")
+    asyncio.run(twice())
+    assert len(lookups) == 3
