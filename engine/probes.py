@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import glob
 import os
+import socket
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -38,10 +39,23 @@ from engine.metrics import (
     SUPERVISOR_REGISTRY,
     WORKERS_READY,
 )
-from engine.ports import free_port
 from engine.worker import BEAT, READY
 
 log = structlog.get_logger("jetpool.http")
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (IPv4 or IPv6, as ``host`` is written), ready to listen."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's own sites do
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _Spec(Protocol):
@@ -115,10 +129,12 @@ class Probes:
         return app
 
     async def start(self, host: str, port: int) -> int:
-        self.port = port or free_port()
+        """Listen on ``host``:``port`` (0: a free port, bound here, so nothing can take it in between)."""
+        sock = listening_socket(host, port)
+        self.port = int(sock.getsockname()[1])
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, self.port).start()
+        await web.SockSite(self._runner, sock).start()
         log.info("http.started", host=host, port=self.port)
         return self.port
 

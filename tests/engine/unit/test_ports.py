@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine import ports
+from engine.probes import listening_socket
 
 
 def test_candidates_lie_below_the_ephemeral_range_or_above_it() -> None:
@@ -50,3 +51,13 @@ def test_a_taken_candidate_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(ports, "candidates", lambda _: range(taken, taken + 1))
         # The only candidate is taken: every try fails, and the kernel picks.
         assert ports.free_port() != taken
+
+
+def test_the_probes_bind_a_free_port_themselves_and_a_taken_one_fails() -> None:
+    """The probes' port 0 is bound where it is picked: nothing can take it before the server listens."""
+    with listening_socket("127.0.0.1", 0) as sock:
+        port = sock.getsockname()[1]
+        assert port > 0
+        sock.listen()
+        with pytest.raises(OSError), listening_socket("127.0.0.1", port):
+            pass
