@@ -16,9 +16,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rich.console import Console
 
-from benchmarks import shop_hops
+from benchmarks import shop_ab, shop_hops
 from benchmarks.shop_cpu import CpuSizes, kind_of, report
 from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_e2e, sustained_point
 from handlers.tools.load import Summary
@@ -139,3 +140,25 @@ def test_the_hops_benchmark_runs() -> None:
     assert len(tables) == 1 and "| OrderPlaced → PaymentAuthorized / PaymentDeclined |" in tables[0]
     first = next(line for line in tables[0].splitlines() if line.startswith("| OrderPlaced"))
     assert int(first.split("|")[2]) > 0  # orders were measured on that hop
+
+
+def _cpu_run(total: float, p99: float, drained: float) -> dict[str, Any]:
+    return {"steady": {"cpu_ms_per_order": {"nats_server": total / 4, "total": total}},
+            "steady_summary": {"p50_ms": p99 / 2, "p99_ms": p99},
+            "backlog": {"ended_per_s": drained, "cpu_ms_per_order": {"nats_server": 0.3, "total": 2.0}}}
+
+
+def test_the_ab_report_compares_medians_and_shows_every_run() -> None:
+    runs = {"base": [_cpu_run(5.0, 120, 800), _cpu_run(5.2, 150, 900), _cpu_run(4.9, 130, 850)],
+            "head": [_cpu_run(4.4, 100, 880), _cpu_run(4.6, 110, 870), _cpu_run(4.5, 140, 860)]}
+    lines = shop_ab.table(runs).splitlines()
+    steady = next(line for line in lines if line.startswith("| steady: CPU ms per order"))
+    assert steady == ("| steady: CPU ms per order, all processes | 5.00 | 4.50 | -10 % | 5.00, 5.20, 4.90 "
+                      "| 4.40, 4.60, 4.50 |")
+    assert any(line.startswith("| steady: nats_server | 1.25 | 1.12 |") for line in lines)
+    assert any(line.startswith("| backlog: orders/s | 850.00 | 870.00 | +2 % |") for line in lines)
+
+
+def test_the_ab_refuses_a_base_that_is_no_commit() -> None:
+    with pytest.raises(SystemExit, match="not a commit"):
+        shop_ab.commit_of("no-such-revision-anywhere")
