@@ -21,10 +21,10 @@ other services (HTTP) are not waited for: they take milliseconds, and their answ
 
 Only a mostly idle worker lingers: after an awake window in which the process was busy for more than
 half the time (a backlog, a burst), it goes on without a pause, so a backlog is never slowed; and a
-worker with nothing at all to do stops lingering until work comes back, so idling costs nothing extra. The
-price is latency: up to ``linger_ms`` per hop of an event's path (and per call to another service a handler
-waits for),
-which is why it is off by default and set per service, within the app's latency budget.
+worker with nothing at all to do stops lingering until work comes back, so idling costs nothing extra.
+The price is latency: up to ``linger_ms`` per hop of an event's path (and per call to another service a
+handler waits for), which is why it is off by default and set per service, within the app's latency
+budget.
 """
 
 from __future__ import annotations
