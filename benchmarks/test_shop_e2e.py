@@ -284,6 +284,7 @@ def plot(points: list[Summary], drain: Summary, sustained: Summary, half: Summar
 
 
 KEEPS_UP = 0.95
+P99_TARGET_MS = 250.0  # issue 16's sustained target: kept up with p99 placed → ended under this
 
 
 def sustained_point(points: list[Summary]) -> Summary:
@@ -296,6 +297,14 @@ def sustained_point(points: list[Summary]) -> Summary:
     """
     kept = [p for p in points if p.offered_per_s and p.steady_per_s >= KEEPS_UP * p.offered_per_s]
     return max(kept or points, key=lambda p: p.steady_per_s)
+
+
+def within_p99(points: list[Summary], p99_ms: float = P99_TARGET_MS) -> Summary | None:
+    """The fastest point the shop kept up with (as :func:`sustained_point`) at a p99 placed → ended under
+    ``p99_ms``: the sustained rate as issue 16's target counts it. None if no point qualifies."""
+    kept = [p for p in points if p.offered_per_s and p.steady_per_s >= KEEPS_UP * p.offered_per_s
+            and p.p99_ms < p99_ms]
+    return max(kept, key=lambda p: p.steady_per_s, default=None)
 
 
 def run_e2e(results: Path, console: Console, sizes: Sizes | None = None,
@@ -326,7 +335,9 @@ def run_e2e(results: Path, console: Console, sizes: Sizes | None = None,
         half_rate = round(sustained.steady_per_s / 2)
         half = measure(cfg, max(sizes.min_point_orders, int(half_rate * sizes.point_s)), half_rate, console)
         cpu = cpu_result(info, sizes.cpu, steady_cpu(running, sizes.cpu, console), drained)
+    fast = within_p99(points)
     result = {"backlog_drain": asdict(drain), "sustained": asdict(sustained), "half_load": asdict(half),
+              f"sustained_p99_under_{P99_TARGET_MS:g}_ms": asdict(fast) if fast is not None else None,
               "points": [asdict(p) for p in points], "cpu": cpu, "cpus": len(os.sched_getaffinity(0)),
               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     (results / "shop_e2e.json").write_text(json.dumps(result, indent=2))
@@ -343,8 +354,12 @@ def test_shop_end_to_end(benchmark: Any) -> None:
     benchmark.extra_info.update(sustained_orders_per_s=round(sustained.steady_per_s, 1),
                                 backlog_drain_orders_per_s=round(drain.orders_per_s, 1),
                                 half_load_p50_ms=round(half.p50_ms, 1), half_load_p99_ms=round(half.p99_ms, 1))
+    fast = within_p99(sweep.points)
+    under = (f"{fast.steady_per_s:.0f} orders/s (p99 {fast.p99_ms:.0f} ms)" if fast is not None
+             else f"no point kept up with p99 under {P99_TARGET_MS:g} ms")
     console.print(f"backlog drain {drain.orders_per_s:.0f} orders/s; sustained {sustained.steady_per_s:.0f} "
-                  f"orders/s; at half of it ({half.offered_per_s:g}/s): p50 {half.p50_ms:.0f} ms, "
+                  f"orders/s (p99 {sustained.p99_ms:.0f} ms); sustained with p99 under {P99_TARGET_MS:g} ms: {under}; "
+                  f"at half of it ({half.offered_per_s:g}/s): p50 {half.p50_ms:.0f} ms, "
                   f"p99 {half.p99_ms:.0f} ms; plot: {RESULTS / 'shop_e2e.png'}")
 
 

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from benchmarks import shop_ab, shop_hops
 from benchmarks.shop_cpu import CpuSizes, kind_of, report
-from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_e2e, sustained_point
+from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_e2e, sustained_point, within_p99
 from handlers.tools.load import Summary
 
 # Points long enough that the placing period yields a steady rate (Tracker.steady_rate needs >= 1 s).
@@ -120,6 +120,18 @@ def test_sustained_is_the_fastest_point_that_kept_up() -> None:
     kept, overloaded = point(282, 281), point(705, 574)
     assert sustained_point([point(141, 141), kept, point(423, 297), overloaded]) == kept
     assert sustained_point([point(423, 297), overloaded]) == overloaded  # none kept up: the fastest
+
+
+def test_the_sustained_rate_the_issue_counts_has_p99_under_250_ms() -> None:
+    base = Summary(**{name: 0 for name in Summary.__dataclass_fields__})
+
+    def point(offered: float, steady: float, p99: float) -> Summary:
+        return dataclasses.replace(base, offered_per_s=offered, steady_per_s=steady, p99_ms=p99)
+
+    fast_enough, too_slow = point(481, 479, 105), point(641, 630, 292)
+    assert within_p99([point(160, 160, 72), fast_enough, too_slow, point(801, 734, 1202)]) == fast_enough
+    assert within_p99([too_slow]) is None
+    assert within_p99([too_slow], p99_ms=300) == too_slow
 
 
 def test_hops_are_measured_from_each_orders_own_events() -> None:
