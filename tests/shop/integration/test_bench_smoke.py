@@ -50,7 +50,7 @@ def test_the_shop_benchmark_sweeps_offered_load_and_writes_its_json_and_plot(tmp
 
     result = json.loads((tmp_path / "shop_e2e.json").read_text())
     assert set(result) == {"backlog_drain", "sustained", "half_load", "points", "cpu", "cpus", "loadavg_before",
-                           "loadavg_after"}
+                           "loadavg_after", "sustained_p99_under_250_ms"}
     drain, sustained, half = (_summary(result[k]) for k in ("backlog_drain", "sustained", "half_load"))
     points = [_summary(p) for p in result["points"]]
     assert (drain, points, sustained, half) == (sweep.drain, sweep.points, sweep.sustained, sweep.half)
@@ -61,6 +61,9 @@ def test_the_shop_benchmark_sweeps_offered_load_and_writes_its_json_and_plot(tmp
         assert point.confirmed + point.declined + point.out_of_stock == point.orders, point
         assert 0 < point.p50_ms <= point.p95_ms <= point.p99_ms, point
     assert sustained == sustained_point(points)
+    fast = within_p99(points)
+    under = result["sustained_p99_under_250_ms"]
+    assert (under is None and fast is None) or (fast is not None and _summary(under) == fast)
     assert sustained.steady_per_s > 0  # the points were long enough to measure a rate while placing
     assert half.offered_per_s == round(sustained.steady_per_s / 2)
     assert result["cpus"] >= 1 and len(result["loadavg_before"]) == len(result["loadavg_after"]) == 3
