@@ -34,6 +34,7 @@ class ExitedEarly(ServiceStartError):
 
 _START_ATTEMPTS = 3
 
+
 class ServiceProcess:
     """Start, wait for and stop one HTTP service process; subclasses say which (:meth:`command`).
 
