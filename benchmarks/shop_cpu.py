@@ -428,6 +428,9 @@ def report(result: dict[str, Any]) -> str:
     summary = result.get("steady_summary") or {}
     lines = [f"Run {info['date']} on commit `{info['commit']}` ({info['repo']}), {info['cpus']} CPUs; load "
              f"average before {info['load_before']['loadavg']}, after {result['load_after']['loadavg']}.", ""]
+    if info.get("floor"):
+        lines += ["The floor: the shop's event topology with pass-through handlers (benchmarks/shop_floor.py); "
+                  "no state, gateway or database work, no invariant checks.", ""]
     if summary:
         lines += [f"Steady point: offered {summary['offered_per_s']:g}/s, {summary['orders']} orders, "
                   f"ended {summary['steady_per_s']:.0f}/s while placing, placed → ended p50 "
@@ -448,6 +451,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="directory for shop_e2e_cpu.json and .md (default: print only)")
     parser.add_argument("--drain-orders", type=int, default=int(os.environ.get("SHOP_BENCH_CPU_DRAIN", "3000")),
                         help="orders of the backlog drain, 0: none (default 3000, or SHOP_BENCH_CPU_DRAIN)")
+    parser.add_argument("--floor", action="store_true",
+                        help="the shop's event topology with pass-through handlers (benchmarks/shop_floor.py): "
+                             "no state, gateway or database work, and no invariant checks")
     return parser.parse_args(argv)
 
 
@@ -459,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     console = Console(width=140)
-    result = run_cpu(console, CpuSizes(), drain_orders=args.drain_orders)
+    result = run_cpu(console, CpuSizes(), drain_orders=args.drain_orders, floor=args.floor)
     text = report(result)
     if args.out is not None:
         import orjson

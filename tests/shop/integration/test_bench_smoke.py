@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from rich.console import Console
 
 from benchmarks import shop_ab, shop_hops
 from benchmarks.shop_cpu import CpuSizes, kind_of, report
-from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_e2e, sustained_point, within_p99
+from benchmarks.shop_floor import floor_config
+from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_cpu, run_e2e, sustained_point, within_p99
+from handlers import SHOP_YAML
 from handlers.tools.load import Summary
 
 # Points long enough that the placing period yields a steady rate (Tracker.steady_rate needs >= 1 s).
@@ -155,6 +158,28 @@ def test_the_hops_benchmark_runs() -> None:
     assert len(tables) == 1 and "| OrderPlaced → PaymentAuthorized / PaymentDeclined |" in tables[0]
     first = next(line for line in tables[0].splitlines() if line.startswith("| OrderPlaced"))
     assert int(first.split("|")[2]) > 0  # orders were measured on that hop
+
+
+def test_the_floor_runs_the_shops_topology_without_its_work() -> None:
+    """``shop_cpu --floor``: the same deliveries and events per order as the shop, no state written."""
+    result = run_cpu(Console(file=io.StringIO()), CpuSizes(rate=100, warmup_s=1, window_s=2, sniff_s=0),
+                     drain_orders=0, warmup=50, floor=True)
+    budget = result["steady"]["budget"]
+    assert result["run"]["floor"] is True and "The floor" in report(result)
+    assert budget["deliveries_by_consumer"]["SHOP/audit"] > 4.5 and budget["events_stored_on_shop"] > 4.5
+    assert budget["kv_writes"] == 0  # the shop's handlers would write 4-5 per order
+
+
+def test_the_floor_config_keeps_every_route_and_setting_but_the_handlers() -> None:
+    shop = yaml.safe_load(SHOP_YAML.read_text())
+    floor = floor_config(shop)
+    assert "breakers" not in floor and floor["streams"] == shop["streams"] and floor["state"] == shop["state"]
+    for name, service in shop["services"].items():
+        kept = floor["services"][name]
+        assert set(kept["routes"]) == set(service["routes"])
+        assert {handler.split(":")[0] for handler in kept["routes"].values()} == {"benchmarks.shop_floor"}
+        assert kept["linger_ms"] == service["linger_ms"] and kept["workers"] == service["workers"]
+        assert not {"setup", "breakers", "settings"} & set(kept)
 
 
 def _cpu_run(total: float, p99: float, drained: float) -> dict[str, Any]:
