@@ -28,6 +28,7 @@ from rich.console import Console
 
 from benchmarks.test_shop_e2e import measure, running_shop, workdir
 from handlers.database import DATABASE_URL_ENV
+from handlers.tools.orders import percentile
 
 # (the events a hop starts from, the events it ends with): one of each per order, whichever happened.
 HOPS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
@@ -50,17 +51,10 @@ class Hop:
 
     def line(self) -> str:
         """The hop as a row of :func:`table`."""
+        ordered = sorted(self.ms)
         cells = [f"{' / '.join(self.start)} → {' / '.join(self.end)}", str(len(self.ms)),
-                 *(f"{percentile(self.ms, q):.0f}" for q in (0.5, 0.9, 0.99))]
+                 *(f"{percentile(ordered, q):.0f}" if ordered else "-" for q in (50, 90, 99))]
         return "| " + " | ".join(cells) + " |"
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (nearest rank) of ``values``; NaN when there are none."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def hops(times: dict[str, dict[str, float]]) -> list[Hop]:

@@ -150,7 +150,8 @@ def test_hops_are_measured_from_each_orders_own_events() -> None:
     found = {hop.start[0]: [round(ms) for ms in hop.ms] for hop in shop_hops.hops(times)}
     assert found == {"OrderPlaced": [20, 10], "PaymentAuthorized": [10], "OutOfStock": [],
                      "StockReserved": [5, 4], "OrderConfirmed": [15]}
-    assert shop_hops.percentile([5.0, 1.0, 3.0], 0.5) == 3.0
+    assert shop_hops.Hop(("A",), ("B",), [float(n) for n in range(100, 0, -1)]).line().endswith("| 50 | 90 | 99 |")
+    assert shop_hops.Hop(("A",), ("B",), []).line().endswith("| 0 | - | - | - |")
 
 
 def test_the_hops_benchmark_runs() -> None:
