@@ -2,7 +2,9 @@
 
 :func:`read_counters` reads one process's CPU (utime + stime), wake-ups (voluntary context switches of all
 its threads) and read/write system calls from ``/proc``; :func:`monitor_json` reads a monitoring endpoint of
-an embedded nats-server started with ``-m PORT``; :func:`load` records how busy the (shared) machine is.
+an embedded nats-server started with ``-m PORT``; :func:`load` records how busy the (shared) machine is, and
+:func:`read_machine` how much of its vCPUs' time the hypervisor gave to other guests (steal), which makes every
+process's CPU per event dearer (cold caches) in the windows where it is high.
 Used by ``benchmarks/paced.py`` (CPU per event at a steady pace) and ``benchmarks/shop_cpu.py`` (CPU per
 order of the shop).
 """
@@ -61,6 +63,33 @@ def read_counters(pid: int) -> Counters:
         return Counters(cpu_s, wakeups, preempted, int(io["syscr"]), int(io["syscw"]), int(fields[12]) / _CLK_TCK)
     except (OSError, ValueError, KeyError):
         return Counters()
+
+
+@dataclass(frozen=True)
+class MachineTimes:
+    """The whole machine's CPU time so far (all vCPUs, seconds), from the ``cpu`` line of ``/proc/stat``."""
+
+    total_s: float = 0.0  # user, nice, system, idle, iowait, irq, softirq and steal (guest is inside user)
+    steal_s: float = 0.0  # a vCPU was ready to run, and the hypervisor ran something else
+
+    def steal_share(self, before: MachineTimes) -> float | None:
+        """The share of all vCPU time the hypervisor took between ``before`` and this reading."""
+        total = self.total_s - before.total_s
+        return (self.steal_s - before.steal_s) / total if total > 0 else None
+
+
+def read_machine(stat: str | None = None) -> MachineTimes:
+    """The machine's CPU times from ``/proc/stat`` (or from ``stat``, its text); zeros if unreadable."""
+    try:
+        text = Path("/proc/stat").read_text() if stat is None else stat
+        first = text.split("\n", 1)[0].split()
+        if first[0] != "cpu":
+            return MachineTimes()
+        ticks = [int(x) for x in first[1:9]]
+    except (OSError, IndexError, ValueError):
+        return MachineTimes()
+    steal = ticks[7] if len(ticks) == 8 else 0  # kernels before 2.6.11 have no steal column
+    return MachineTimes(sum(ticks) / _CLK_TCK, steal / _CLK_TCK)
 
 
 def read_groups(groups: dict[str, list[int]]) -> dict[str, Counters]:

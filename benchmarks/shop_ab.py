@@ -7,13 +7,15 @@ On a shared machine the same commit measures 20-30 % apart from one hour to the 
 changes are worth, so two runs an hour apart compare nothing. Here the base (a temporary git worktree of
 ``--base``, run with ``PYTHONPATH`` on it) and the head (this checkout, as it is on disk) take turns:
 each run is ``python -m benchmarks.shop_cpu`` (a fresh shop; a backlog drain, then the steady point),
-and the report gives, per figure, the median of each side with every run's value beside it. The base
+and the report gives, per figure, the median of each side with every run's value beside it, and each
+window's hypervisor steal: a pair whose steal differs a lot compares the host's other guests, not the code. The base
 must be recent enough to have ``benchmarks/shop_cpu.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -40,10 +42,20 @@ def figures(roles: Sequence[str]) -> list[Figure]:
         ("steady: p99 placed → ended, ms", lambda r: r["steady_summary"]["p99_ms"]),
         ("backlog: orders/s", lambda r: r["backlog"]["ended_per_s"]),
         ("backlog: CPU ms per order, all processes", lambda r: r["backlog"]["cpu_ms_per_order"]["total"]),
+        ("steady: hypervisor steal, % of vCPU time", _steal("steady")),
+        ("backlog: hypervisor steal, % of vCPU time", _steal("backlog")),
     ]
     for phase in ("steady", "backlog"):
         found += [(f"{phase}: {role}", _role(phase, role)) for role in roles if role != "total"]
     return found
+
+
+def _steal(phase: str) -> Callable[[dict[str, Any]], float]:
+    """The window's steal in percent; NaN from a base too old to record it."""
+    def get(r: dict[str, Any]) -> float:
+        share = r[phase].get("steal_share")
+        return float("nan") if share is None else share * 100
+    return get
 
 
 def _role(phase: str, role: str) -> Callable[[dict[str, Any]], float]:
@@ -56,11 +68,20 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> str:
     lines = ["| figure | base | head | change | base runs | head runs |", "|---|---:|---:|---:|---|---|"]
     for label, get in figures(roles):
         values = {side: [float(get(r)) for r in runs[side]] for side in SIDES}
-        base, head = (statistics.median(values[side]) for side in SIDES)
-        change = f"{(head - base) / base * 100:+.0f} %" if base else "-"
-        lines.append(f"| {label} | {base:.2f} | {head:.2f} | {change} | "
-                     + " | ".join(", ".join(f"{v:.2f}" for v in values[side]) for side in SIDES) + " |")
+        base, head = (_median(values[side]) for side in SIDES)
+        change = f"{(head - base) / base * 100:+.0f} %" if base and not math.isnan(base - head) else "-"
+        lines.append(f"| {label} | {_cell(base)} | {_cell(head)} | {change} | "
+                     + " | ".join(", ".join(_cell(v) for v in values[side]) for side in SIDES) + " |")
     return "\n".join(lines)
+
+
+def _median(values: list[float]) -> float:
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.median(known) if known else float("nan")
+
+
+def _cell(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
 
 
 def commit_of(rev: str) -> str:
@@ -100,7 +121,9 @@ def run(base: str, pairs: int, out: Path, drain_orders: int) -> dict[str, list[d
                     runs[side].append(result)
                     print(f"{side} {pair}/{pairs}: {result['run']['commit']}: "
                           f"{result['steady']['cpu_ms_per_order']['total']:.2f} ms per order at the steady point, "
-                          f"{result['backlog']['ended_per_s']:.0f} orders/s in the backlog", flush=True)
+                          f"{result['backlog']['ended_per_s']:.0f} orders/s in the backlog; steal "
+                          f"{_cell(_steal('steady')(result))} % steady, {_cell(_steal('backlog')(result))} % "
+                          "backlog", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
     return runs

@@ -30,7 +30,11 @@ pull requests, KV reads (direct or through the API), acks/naks/in-progress, KV w
 or not). Each copy costs the server a delivery, so these counts are kept out of the CPU window.
 
 CPU-seconds are less disturbed than wall-clock figures by the other work of a shared machine, not
-immune: a process waiting for a core still pays its wake-ups; the load average is recorded.
+immune: a process waiting for a core still pays its wake-ups, and on a virtual machine whose host runs
+other guests on the same cores, every process pays more per order (its caches are cold when its vCPU
+comes back). So each window also records the machine's *steal*: the share of all vCPU time the
+hypervisor gave to something else (``/proc/stat``); compare figures only between windows of similar
+steal. The load average is recorded too.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ import nats
 import psutil
 from nats.aio.msg import Msg
 
-from benchmarks.proc_stats import Counters, load, monitor_json, read_counters
+from benchmarks.proc_stats import Counters, MachineTimes, load, monitor_json, read_counters, read_machine
 from engine.process import EngineProcess
 from handlers.tools.load import ShopLoad, Summary
 
@@ -109,10 +113,10 @@ class ShopTree:
         return out
 
     async def mark(self) -> Mark:
-        at = time.monotonic()
+        at, machine = time.monotonic(), read_machine()
         procs = {pid: (role, read_counters(pid)) for pid, role in self.roles().items()}
         broker = await asyncio.to_thread(self.broker)
-        return Mark(at, procs, broker)
+        return Mark(at, procs, broker, machine)
 
     def broker(self) -> Broker:
         varz = monitor_json(self.monitor_port, "/varz")
@@ -158,6 +162,7 @@ class Mark:
     at: float
     procs: dict[int, tuple[str, Counters]]
     broker: Broker
+    machine: MachineTimes = field(default_factory=MachineTimes)
 
 
 # ---- between two marks -----------------------------------------------------------------------------
@@ -173,6 +178,7 @@ def window(a: Mark, b: Mark, ended: int, placed: int) -> dict[str, Any]:
     gone = sorted(pid for pid in a.procs if pid not in b.procs)  # what they spent in the window is lost
     cpu = {role: c.cpu_s for role, c in sorted(roles.items(), key=lambda kv: _order(kv[0]))}
     total = sum(cpu.values())
+    steal = b.machine.steal_share(a.machine)
     return {
         "seconds": round(seconds, 3), "orders_ended": ended, "orders_placed": placed,
         "ended_per_s": round(ended / seconds, 1), "placed_per_s": round(placed / seconds, 1),
@@ -181,6 +187,7 @@ def window(a: Mark, b: Mark, ended: int, placed: int) -> dict[str, Any]:
         "cores": {**{r: round(s / seconds, 3) for r, s in cpu.items()}, "total": round(total / seconds, 3)},
         "wakeups_per_order": {r: round(c.wakeups / per, 2) for r, c in roles.items()},
         "budget": budget(a.broker, b.broker, per), "processes_gone": gone,
+        "steal_share": None if steal is None else round(steal, 4),
     }
 
 
@@ -358,9 +365,15 @@ def cpu_table(steady: dict[str, Any] | None, backlog: dict[str, Any] | None, rat
     lines.append("| cores busy (total) | " + " | ".join(f"{got['cores']['total']:.2f}" for _, got in cols) + " |")
     lines.append("| orders ended/s in the window | " + " | ".join(f"{got['ended_per_s']:.0f}" for _, got in cols)
                  + " |")
+    lines.append("| hypervisor steal, share of all vCPU time | "
+                 + " | ".join(_share(got.get("steal_share")) for _, got in cols) + " |")
     lines.append("| window: s, orders ended | " + " | ".join(f"{got['seconds']:.1f}, {got['orders_ended']}"
                                                          for _, got in cols) + " |")
     return lines
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f} %"
 
 
 def _columns(steady: dict[str, Any] | None, backlog: dict[str, Any] | None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import yaml
 from rich.console import Console
 
 from benchmarks import shop_ab, shop_hops
+from benchmarks.proc_stats import MachineTimes, read_machine
 from benchmarks.shop_cpu import CpuSizes, kind_of, report
 from benchmarks.shop_floor import floor_config
 from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_cpu, run_e2e, sustained_point, within_p99
@@ -92,6 +94,7 @@ def _check_cpu(cpu: dict[str, Any], drain: Summary) -> None:
         assert {"nats_server", "supervisor", "gateway", "postgres", "load", "total"} | SERVICES <= roles, roles
         assert set(got["cores"]) == roles and got["orders_ended"] > 0 and got["seconds"] > 0
         assert all(ms >= 0 for ms in got["cpu_ms_per_order"].values())
+        assert 0 <= got["steal_share"] < 1  # this machine's /proc/stat has a steal column
         b = got["budget"]
         assert {"deliveries", "settled", "deliveries_by_consumer", "events_stored_on_shop", "kv_writes",
                 "kv_writes_by_bucket", "js_api_requests", "js_api_errors", "server", "client_msgs"} <= b.keys()
@@ -183,10 +186,14 @@ def test_the_floor_config_keeps_every_route_and_setting_but_the_handlers() -> No
         assert not {"setup", "breakers", "settings"} & set(kept)
 
 
-def _cpu_run(total: float, p99: float, drained: float) -> dict[str, Any]:
-    return {"steady": {"cpu_ms_per_order": {"nats_server": total / 4, "total": total}},
-            "steady_summary": {"p50_ms": p99 / 2, "p99_ms": p99},
-            "backlog": {"ended_per_s": drained, "cpu_ms_per_order": {"nats_server": 0.3, "total": 2.0}}}
+def _cpu_run(total: float, p99: float, drained: float, steal: float | None = None) -> dict[str, Any]:
+    run: dict[str, Any] = {
+        "steady": {"cpu_ms_per_order": {"nats_server": total / 4, "total": total}},
+        "steady_summary": {"p50_ms": p99 / 2, "p99_ms": p99},
+        "backlog": {"ended_per_s": drained, "cpu_ms_per_order": {"nats_server": 0.3, "total": 2.0}}}
+    if steal is not None:  # a base older than the steal figure has none
+        run["steady"]["steal_share"] = run["backlog"]["steal_share"] = steal
+    return run
 
 
 def test_the_ab_report_compares_medians_and_shows_every_run() -> None:
@@ -198,6 +205,27 @@ def test_the_ab_report_compares_medians_and_shows_every_run() -> None:
                       "| 4.40, 4.60, 4.50 |")
     assert any(line.startswith("| steady: nats_server | 1.25 | 1.12 |") for line in lines)
     assert any(line.startswith("| backlog: orders/s | 850.00 | 870.00 | +2 % |") for line in lines)
+    assert "| steady: hypervisor steal, % of vCPU time | - | - | - | -, -, - | -, -, - |" in lines
+
+
+def test_the_ab_report_shows_each_runs_steal_and_none_for_a_base_without_it() -> None:
+    runs = {"base": [_cpu_run(5.0, 120, 800), _cpu_run(5.2, 150, 900)],
+            "head": [_cpu_run(4.4, 100, 880, steal=0.02), _cpu_run(4.6, 110, 870, steal=0.31)]}
+    lines = shop_ab.table(runs).splitlines()
+    assert "| backlog: hypervisor steal, % of vCPU time | - | 16.50 | - | -, - | 2.00, 31.00 |" in lines
+
+
+def test_the_machines_steal_is_read_from_proc_stat() -> None:
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    before = read_machine("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\n")
+    after = read_machine("cpu  200 0 100 1500 10 0 10 180 0 0\n")
+    assert before.total_s == pytest.approx(1000 * tick) and before.steal_s == pytest.approx(35 * tick)
+    assert after.steal_share(before) == pytest.approx(145 / 1000)
+    assert after.steal_share(after) is None  # no time passed
+    assert read_machine("cpu  100 0 50 800 10 0 5\n").steal_s == 0  # a kernel without the column
+    assert read_machine("intr 1 2 3\n") == read_machine("") == MachineTimes()
+    since_boot = read_machine().steal_share(MachineTimes())  # this machine's own
+    assert since_boot is not None and 0 <= since_boot < 1
 
 
 def test_the_ab_refuses_a_base_that_is_no_commit() -> None:
