@@ -4,7 +4,8 @@
 its threads) and read/write system calls from ``/proc``; :func:`monitor_json` reads a monitoring endpoint of
 an embedded nats-server started with ``-m PORT``; :func:`load` records how busy the (shared) machine is, and
 :func:`read_machine` how much of its vCPUs' time the hypervisor gave to other guests (steal), which makes every
-process's CPU per event dearer (cold caches) in the windows where it is high.
+process's CPU per event dearer (cold caches) in the windows where it is high; :func:`reference_speed` times a
+fixed piece of interpreter work, which slows down with the host's other guests even when steal does not show it.
 Used by ``benchmarks/paced.py`` (CPU per event at a steady pace) and ``benchmarks/shop_cpu.py`` (CPU per
 order of the shop).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -90,6 +92,29 @@ def read_machine(stat: str | None = None) -> MachineTimes:
         return MachineTimes()
     steal = ticks[7] if len(ticks) == 8 else 0  # kernels before 2.6.11 have no steal column
     return MachineTimes(sum(ticks) / _CLK_TCK, steal / _CLK_TCK)
+
+
+_REFERENCE = {"order_id": "o-0001", "sku": "sku-01", "qty": 2, "amount_cents": 18497, "lines": list(range(8))}
+
+
+def reference_speed(rounds: int = 4000, repeats: int = 5) -> float:
+    """µs of this process's CPU per round of a fixed interpreter-bound workload (JSON, dicts, strings, the
+    shop's kind of work): the median of ``repeats`` timings.
+
+    It measures the machine, not the load on it: CPU time, so waiting for a core does not count, and other
+    processes of this machine leave it alone (each gets warm time slices). What moves it is what moves
+    the shop's CPU per order from one hour to the next on a shared host: slower cores, caches and memory
+    shared with other guests. Compare runs only at similar speeds.
+    """
+    def once() -> float:
+        started = time.process_time()
+        for i in range(rounds):
+            data = orjson.loads(orjson.dumps(_REFERENCE))
+            data["qty"] += i
+            key = f"{data['order_id']}.{data['sku']}.{i}"
+            sorted({key: data, "n": len(key)})
+        return (time.process_time() - started) / rounds * 1e6
+    return round(statistics.median(once() for _ in range(repeats)), 3)
 
 
 def read_groups(groups: dict[str, list[int]]) -> dict[str, Counters]:

@@ -44,6 +44,8 @@ def figures(roles: Sequence[str]) -> list[Figure]:
         ("backlog: CPU ms per order, all processes", lambda r: r["backlog"]["cpu_ms_per_order"]["total"]),
         ("steady: hypervisor steal, % of vCPU time", _steal("steady")),
         ("backlog: hypervisor steal, % of vCPU time", _steal("backlog")),
+        ("the machine's speed before the run, µs per reference round", _speed("before")),
+        ("the machine's speed after the run, µs per reference round", _speed("after")),
     ]
     for phase in ("steady", "backlog"):
         found += [(f"{phase}: {role}", _role(phase, role)) for role in roles if role != "total"]
@@ -55,6 +57,14 @@ def _steal(phase: str) -> Callable[[dict[str, Any]], float]:
     def get(r: dict[str, Any]) -> float:
         share = r[phase].get("steal_share")
         return float("nan") if share is None else share * 100
+    return get
+
+
+def _speed(when: str) -> Callable[[dict[str, Any]], float]:
+    """:func:`benchmarks.proc_stats.reference_speed` before or after the run; NaN from an older base."""
+    def get(r: dict[str, Any]) -> float:
+        us = r.get("run", {}).get("speed_before_us") if when == "before" else r.get("load_after", {}).get("speed_us")
+        return float("nan") if us is None else float(us)
     return get
 
 

@@ -34,7 +34,10 @@ immune: a process waiting for a core still pays its wake-ups, and on a virtual m
 other guests on the same cores, every process pays more per order (its caches are cold when its vCPU
 comes back). So each window also records the machine's *steal*: the share of all vCPU time the
 hypervisor gave to something else (``/proc/stat``); compare figures only between windows of similar
-steal. The load average is recorded too.
+steal. Steal does not show everything the host's other guests take (caches, memory, a busy sibling
+hyper-thread): the same code measured 3.2 and 5.2 ms per order an hour apart at under 6 % steal. So the
+run also times a fixed piece of interpreter work before and after (``reference_speed``, µs per round),
+and the load average is recorded too.
 """
 
 from __future__ import annotations
@@ -56,7 +59,15 @@ import nats
 import psutil
 from nats.aio.msg import Msg
 
-from benchmarks.proc_stats import Counters, MachineTimes, load, monitor_json, read_counters, read_machine
+from benchmarks.proc_stats import (
+    Counters,
+    MachineTimes,
+    load,
+    monitor_json,
+    read_counters,
+    read_machine,
+    reference_speed,
+)
 from engine.process import EngineProcess
 from handlers.tools.load import ShopLoad, Summary
 
@@ -350,7 +361,7 @@ def run_info(repo: Path) -> dict[str, Any]:
                            capture_output=True, text=True, check=False).stdout.strip()
     return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "commit": head + (" (engine/ or handlers/ modified)" if dirty else ""), "repo": str(repo),
-            "cpus": len(os.sched_getaffinity(0)), "load_before": load()}
+            "cpus": len(os.sched_getaffinity(0)), "load_before": load(), "speed_before_us": reference_speed()}
 
 
 def cpu_table(steady: dict[str, Any] | None, backlog: dict[str, Any] | None, rate: float) -> list[str]:
@@ -370,6 +381,10 @@ def cpu_table(steady: dict[str, Any] | None, backlog: dict[str, Any] | None, rat
     lines.append("| window: s, orders ended | " + " | ".join(f"{got['seconds']:.1f}, {got['orders_ended']}"
                                                          for _, got in cols) + " |")
     return lines
+
+
+def _speed(us: float | None) -> str:
+    return "-" if us is None else f"{us:.2f} µs per round"
 
 
 def _share(value: float | None) -> str:
@@ -440,7 +455,9 @@ def report(result: dict[str, Any]) -> str:
     rate = result["sizes"]["rate"]
     summary = result.get("steady_summary") or {}
     lines = [f"Run {info['date']} on commit `{info['commit']}` ({info['repo']}), {info['cpus']} CPUs; load "
-             f"average before {info['load_before']['loadavg']}, after {result['load_after']['loadavg']}.", ""]
+             f"average before {info['load_before']['loadavg']}, after {result['load_after']['loadavg']}; the "
+             f"machine's speed (reference_speed) {_speed(info.get('speed_before_us'))} before, "
+             f"{_speed(result['load_after'].get('speed_us'))} after.", ""]
     if info.get("floor"):
         lines += ["The floor: the shop's event topology with pass-through handlers (benchmarks/shop_floor.py); "
                   "no state, gateway or database work, no invariant checks.", ""]

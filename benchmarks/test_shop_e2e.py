@@ -52,6 +52,7 @@ import uvloop
 import yaml
 from rich.console import Console
 
+from benchmarks.proc_stats import reference_speed
 from benchmarks.shop_cpu import CpuSizes, ShopTree, drain_window, report, run_info, steady_windows, with_probe
 from benchmarks.shop_floor import floor_config
 from benchmarks.shop_http import (
@@ -240,7 +241,7 @@ def cpu_result(info: dict[str, Any], sizes: CpuSizes, steady: Measured, backlog:
     """The CPU point and the drain's CPU as one record (what :func:`benchmarks.shop_cpu.report` reads)."""
     return {"run": info, "sizes": asdict(sizes), "steady": steady[1], "steady_summary": asdict(steady[0]),
             "backlog": backlog[1] if backlog else None, "backlog_summary": asdict(backlog[0]) if backlog else None,
-            "load_after": {"loadavg": [round(x, 2) for x in os.getloadavg()]}}
+            "load_after": {"loadavg": [round(x, 2) for x in os.getloadavg()], "speed_us": reference_speed()}}
 
 
 def run_cpu(console: Console, sizes: CpuSizes | None = None, drain_orders: int = SUSTAINED_ORDERS,

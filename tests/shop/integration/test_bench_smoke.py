@@ -22,7 +22,7 @@ import yaml
 from rich.console import Console
 
 from benchmarks import shop_ab, shop_hops
-from benchmarks.proc_stats import MachineTimes, read_machine
+from benchmarks.proc_stats import MachineTimes, read_machine, reference_speed
 from benchmarks.shop_cpu import CpuSizes, kind_of, report
 from benchmarks.shop_floor import floor_config
 from benchmarks.test_shop_e2e import FRACTIONS, Sizes, run_cpu, run_e2e, sustained_point, within_p99
@@ -89,6 +89,7 @@ def _check_cpu(cpu: dict[str, Any], drain: Summary) -> None:
     steady = _summary(cpu["steady_summary"])
     assert steady.offered_per_s == TINY.cpu.rate and steady.ended == steady.orders == TINY.cpu.orders
     assert cpu["run"]["commit"] and cpu["run"]["cpus"] >= 1 and len(cpu["run"]["load_before"]["loadavg"]) == 3
+    assert cpu["run"]["speed_before_us"] > 0 and cpu["load_after"]["speed_us"] > 0
     for got in (cpu["steady"], cpu["backlog"]):
         roles = set(got["cpu_ms_per_order"])
         assert {"nats_server", "supervisor", "gateway", "postgres", "load", "total"} | SERVICES <= roles, roles
@@ -191,8 +192,9 @@ def _cpu_run(total: float, p99: float, drained: float, steal: float | None = Non
         "steady": {"cpu_ms_per_order": {"nats_server": total / 4, "total": total}},
         "steady_summary": {"p50_ms": p99 / 2, "p99_ms": p99},
         "backlog": {"ended_per_s": drained, "cpu_ms_per_order": {"nats_server": 0.3, "total": 2.0}}}
-    if steal is not None:  # a base older than the steal figure has none
+    if steal is not None:  # a base older than the steal figure has none (and no reference speed)
         run["steady"]["steal_share"] = run["backlog"]["steal_share"] = steal
+        run["run"], run["load_after"] = {"speed_before_us": 2.3 + steal}, {"speed_us": 2.4 + steal}
     return run
 
 
@@ -213,6 +215,12 @@ def test_the_ab_report_shows_each_runs_steal_and_none_for_a_base_without_it() ->
             "head": [_cpu_run(4.4, 100, 880, steal=0.02), _cpu_run(4.6, 110, 870, steal=0.31)]}
     lines = shop_ab.table(runs).splitlines()
     assert "| backlog: hypervisor steal, % of vCPU time | - | 16.50 | - | -, - | 2.00, 31.00 |" in lines
+    assert "| the machine's speed after the run, µs per reference round | - | 2.56 | - | -, - | 2.42, 2.71 |" in lines
+
+
+def test_the_reference_speed_is_cpu_time_per_round() -> None:
+    us = reference_speed(rounds=200, repeats=3)
+    assert 0.05 < us < 100, us  # µs per round (a few here): not seconds, not the total of 200 rounds
 
 
 def test_the_machines_steal_is_read_from_proc_stat() -> None:
